@@ -1,0 +1,228 @@
+"""Which backend runs an op: availability, capabilities, selection and logging.
+
+Backends, in the order `auto` tries them for each device type:
+
+- CUDA tensors: the faster of ``cuda`` and ``triton`` for the shape (see
+  `_cuda_attention_order`), then ``torch``.
+- CPU tensors: ``cpu`` (C++ kernels), then ``torch``.
+
+A backend is forced with the ``backend=`` argument of each public function or the
+``ENAT_KERNELS_BACKEND`` environment variable; a forced backend that cannot run the
+inputs raises ValueError instead of falling back.  When `auto` has to skip a fused
+backend for inputs it does not support, it warns once per reason, so a slow path is
+never silent.  ``ENAT_KERNELS_LOG_BACKEND=1`` (or the logger ``enat_kernels`` at INFO)
+logs the backend chosen for every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import _extension
+
+log = logging.getLogger("enat_kernels")
+if os.environ.get("ENAT_KERNELS_LOG_BACKEND", "0").lower() in ("1", "true", "yes", "on"):
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        _h = logging.StreamHandler(sys.stderr)
+        _h.setFormatter(logging.Formatter("enat_kernels: %(message)s"))
+        log.addHandler(_h)
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+# What each fused backend computes for SC-Attention.  head_dims None: any size up to
+# max_head_dim.  Kept here, next to selection, so one table answers "will it run?".
+@dataclass(frozen=True)
+class AttentionCaps:
+    dtypes: tuple
+    head_dims: tuple | None
+    max_head_dim: int = 256
+
+
+ATTENTION_CAPS = {
+    "triton": AttentionCaps((torch.float16, torch.bfloat16, torch.float32), (16, 32, 64, 128)),
+    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),
+    "cpu": AttentionCaps((torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
+    "torch": AttentionCaps((torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 1 << 30),
+}
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def backend_error(name: str, device_type: str) -> str | None:
+    """None when backend `name` can run on tensors of `device_type` here, else why not."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
+        return _extension.cpu_extension_error()
+    if name == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
+        return _extension.cuda_extension_error()
+    if name == "triton":
+        from . import triton as _triton
+
+        return _triton.triton_error(device_type)
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def _op_error(name: str, op: str, device_type: str) -> str | None:
+    """Whether backend `name` implements `op` (a kernel may not have landed yet)."""
+    err = backend_error(name, device_type)
+    if err is not None or name == "torch":
+        return err
+    if name == "triton":
+        from . import triton as _triton
+
+        return None if _triton.has_op(op) else f"the triton backend has no {op} kernel"
+    key = "CPU" if name == "cpu" else "CUDA"
+    if not _extension.has_kernel(op, key):
+        return f"the {name} backend has no {op} kernel in this build"
+    return None
+
+
+def attention_error(name: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when backend `name` can compute SC-Attention for these inputs, else why not."""
+    err = _op_error(name, "sc_attn_fwd", device_type)
+    if err is not None:
+        return err
+    caps = ATTENTION_CAPS[name]
+    if name == "triton" and device_type == "cpu" and dtype == torch.bfloat16:
+        return "the Triton interpreter (CPU) does not support bfloat16"
+    if dtype not in caps.dtypes:
+        return f"the {name} backend does not support dtype {_dtype_name(dtype)} (supports {', '.join(map(_dtype_name, caps.dtypes))})"
+    if head_dim < 1 or head_dim > caps.max_head_dim or (caps.head_dims is not None and head_dim not in caps.head_dims):
+        allowed = caps.head_dims if caps.head_dims is not None else f"1..{caps.max_head_dim}"
+        return f"the {name} backend does not support head_dim {head_dim} (supports {allowed})"
+    return None
+
+
+def routing_error(name: str, device_type: str) -> str | None:
+    return _op_error(name, "gather_rows", device_type)
+
+
+# ----------------------------------------------------------------------------- selection
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _cuda_attention_order(dtype: torch.dtype, head_dim: int, n_q: int, n_cond: int) -> tuple[str, ...]:
+    """Preference between the two GPU backends for one SC-Attention shape.
+
+    Until the CUDA C++ kernel has been measured against the Triton kernel on a GPU
+    (benchmarks/results/), Triton goes first.
+    """
+    return ("triton", "cuda")
+
+
+def _requested(backend: str | None) -> str | None:
+    if backend is None:
+        backend = os.environ.get("ENAT_KERNELS_BACKEND") or None
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: int, n_cond: int) -> str:
+    requested = _requested(backend)
+    dt = device.type
+    if requested is not None:
+        err = attention_error(requested, dt, dtype, head_dim)
+        if err is not None:
+            raise ValueError(f"backend={requested!r} cannot run these inputs: {err}")
+        log.info("sc_attention: backend %s (forced)", requested)
+        return requested
+    order = _cuda_attention_order(dtype, head_dim, n_q, n_cond) if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
+    for name in order:
+        err = attention_error(name, dt, dtype, head_dim)
+        if err is None:
+            log.info("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
+            return name
+        _warn_once(f"enat_kernels.sc_attention: skipping the {name} backend: {err}; using the next one")
+    log.info("sc_attention: backend torch (auto fallback, reference math)")
+    return "torch"
+
+
+def select_routing(backend, device: torch.device, op: str) -> str:
+    requested = _requested(backend)
+    dt = device.type
+    if requested is not None:
+        err = routing_error(requested, dt)
+        if err is not None:
+            raise ValueError(f"backend={requested!r} cannot run {op}: {err}")
+        log.info("%s: backend %s (forced)", op, requested)
+        return requested
+    order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
+    for name in order:
+        err = routing_error(name, dt)
+        if err is None:
+            log.info("%s: backend %s (auto)", op, name)
+            return name
+        _warn_once(f"enat_kernels.{op}: skipping the {name} backend: {err}; using the next one")
+    log.info("%s: backend torch (auto fallback)", op)
+    return "torch"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+    def __repr__(self) -> str:
+        return f"{'available' if self.available else 'unavailable'}: {self.reason}"
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Which backends are usable on this machine, and why the others are not.
+
+    Each entry names the device type it runs on and which of its ops are built.
+    """
+    out = {}
+    for name, dt in (("triton", "cuda"), ("cuda", "cuda"), ("cpu", "cpu"), ("torch", "cpu")):
+        if name == "triton" and not torch.cuda.is_available():
+            from . import triton as _triton
+
+            if _triton.triton_error("cpu") is None:
+                dt = "cpu"  # interpreter mode
+        err = backend_error(name, dt)
+        if err is not None:
+            out[name] = BackendStatus(False, err)
+            continue
+        if name == "cuda" and not torch.cuda.is_available():
+            archs = _extension.build_info().get("CUDA_ARCHS")
+            out[name] = BackendStatus(False, f"extension loaded (compiled for {archs}), but no CUDA device is visible")
+            continue
+        if name == "torch":
+            out[name] = BackendStatus(True, "reference PyTorch math, every device")
+            continue
+        ops = [op for op in ("sc_attn_fwd", "gather_rows") if _op_error(name, op, dt) is None]
+        have = {"sc_attn_fwd": "sc_attention", "gather_rows": "token routing"}
+        kinds = ", ".join(have[o] for o in ops) or "no kernels yet"
+        where = "CPU (Triton interpreter)" if name == "triton" and dt == "cpu" else dt.upper()
+        out[name] = BackendStatus(True, f"{where}: {kinds}")
+    return out

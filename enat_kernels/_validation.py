@@ -1,0 +1,180 @@
+"""Input validation for the public API: clear errors before any kernel runs.
+
+Two kinds of checks:
+
+- metadata (types, dtypes, devices, ranks, shapes): always on, free.
+- values (lengths within range, cu_seqlens increasing, indices in range and unique,
+  mask counts): these read tensor data, which on a GPU is a device-to-host sync.
+  They are on by default and skipped inside ``enat_kernels.value_checks(False)``,
+  under ``torch.compile`` tracing and during CUDA graph capture.  Kernels never rely
+  on them for memory safety: they clamp lengths and skip out-of-range indices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+_state = threading.local()
+
+
+def _env_default() -> bool:
+    return os.environ.get("ENAT_KERNELS_VALUE_CHECKS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def value_checks_enabled() -> bool:
+    enabled = getattr(_state, "enabled", None)
+    if enabled is None:
+        enabled = _state.enabled = _env_default()
+    if not enabled:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the data-reading checks on or off in this thread (they cost a host sync on GPU).
+
+    >>> with enat_kernels.value_checks(False):
+    ...     out = enat_kernels.sc_attention(q, kc, vc, ks, vs, cond_lens=lens)
+    """
+    prev = getattr(_state, "enabled", None)  # None: follow ENAT_KERNELS_VALUE_CHECKS
+    _state.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _state.enabled = prev
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tensor(name: str, x, *, ndim: int | None = None, dtypes=None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+
+
+def same_dtype(named: dict) -> None:
+    items = [(n, t) for n, t in named.items() if t is not None]
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but {n0} has {t0.dtype}; all must match")
+
+
+def same_device(named: dict) -> None:
+    items = [(n, t) for n, t in named.items() if t is not None]
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{n} is on {t.device} but {n0} is on {t0.device}; all must be on one device")
+
+
+def dim_equal(what: str, named: dict) -> None:
+    """named: {"q.shape[0]": 4, ...}; all values must be equal."""
+    items = list(named.items())
+    n0, v0 = items[0]
+    for n, v in items[1:]:
+        if v != v0:
+            raise ValueError(f"{what} mismatch: {n} = {v} but {n0} = {v0}")
+
+
+def lengths(name: str, lens, batch: int, limit: int, device) -> None:
+    """lens: None or an integer (batch,) tensor with values in [0, limit]."""
+    if lens is None:
+        return
+    tensor(name, lens, ndim=1, dtypes=INDEX_DTYPES)
+    if lens.shape[0] != batch:
+        raise ValueError(f"{name} must have one entry per batch row ({batch}), got {lens.shape[0]}")
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device} but the inputs are on {device}")
+    if value_checks_enabled() and lens.numel() > 0:
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < 0 or hi > limit:
+            raise ValueError(f"{name} values must lie in [0, {limit}], got min {lo} and max {hi}")
+
+
+def cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device) -> None:
+    tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have batch + 1 >= 1 entries")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+        if not isinstance(max_seqlen, torch.SymInt):
+            raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if value_checks_enabled():
+        c = cu.long()
+        if int(c[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0, got {int(c[0])}")
+        if int(c[-1]) != total:
+            raise ValueError(f"{name}[-1] must equal the number of packed rows ({total}), got {int(c[-1])}")
+        if c.numel() > 1:
+            d = c[1:] - c[:-1]
+            if bool((d < 0).any()):
+                raise ValueError(f"{name} must be non-decreasing")
+            if int(d.max()) > max_seqlen:
+                raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({int(d.max())})")
+
+
+def scale(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
+
+
+def indices(name: str, idx, batch: int, limit: int, device, *, unique_with=None) -> None:
+    """idx: int64 (batch, N), entries in [0, limit) or -1 (padding).
+
+    unique_with: another index tensor whose entries must not repeat any of idx's.
+    """
+    if isinstance(idx, torch.Tensor) and idx.is_floating_point():
+        raise TypeError(f"{name} must be an integer tensor (int64), got {idx.dtype}")
+    tensor(name, idx, ndim=2, dtypes=(torch.int64,))
+    if idx.shape[0] != batch:
+        raise ValueError(f"{name} must have {batch} rows (the batch), got {idx.shape[0]}")
+    if idx.device != device:
+        raise ValueError(f"{name} is on {idx.device} but the tokens are on {device}")
+    if not value_checks_enabled() or idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < -1 or hi >= limit:
+        raise ValueError(f"{name} entries must lie in [0, {limit}) or be -1 (padding), got min {lo} and max {hi}")
+    both = idx if unique_with is None else torch.cat([idx, unique_with], dim=1)
+    s, _ = both.sort(dim=1)
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if bool(dup.any()):
+        row = int(dup.any(dim=1).nonzero()[0, 0])
+        what = name if unique_with is None else f"{name} and the other index set together"
+        raise ValueError(f"{what} repeat a token index in batch row {row}; indices must be unique")
+
+
+def ascending(name: str, idx: torch.Tensor) -> None:
+    """Value check: each row strictly increasing over its valid entries, -1 padding trailing."""
+    if not value_checks_enabled() or idx.shape[1] < 2:
+        return
+    prev, nxt = idx[:, :-1], idx[:, 1:]
+    bad = ((nxt >= 0) & (prev < 0)) | ((nxt >= 0) & (nxt <= prev))
+    if bool(bad.any()):
+        row = int(bad.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name} must be ascending with -1 padding at the end of each row; batch row {row} is not")
