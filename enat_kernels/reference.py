@@ -70,7 +70,7 @@ def sc_attention_ref(
     finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - finite_lse[..., None])
     p = p * q_valid[:, None, :, None]
-    out = torch.matmul(p.to(q.dtype), v.transpose(1, 2)).transpose(1, 2)
+    out = torch.matmul(p.to(q.dtype), v.transpose(1, 2)).transpose(1, 2).contiguous()
     lse = lse.masked_fill(~q_valid[:, None, :], float("-inf"))
     return out, lse
 
