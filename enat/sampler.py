@@ -194,6 +194,16 @@ class _Sampler:
         self.labels2 = torch.cat([labels, null])
         self.positions = torch.arange(cfg.tokens, device=self.device)
 
+    def loop(self, callback=None) -> torch.Tensor:
+        """Every step, from all-masked maps to all-revealed tokens (B, h, w); no host reads."""
+        ids, state, mods = self.initial_ids(), None, self.modulation()
+        sampled = ids
+        for s in range(self.plan.total_steps):
+            ids, sampled, state = self.step(s, ids, state, mods)
+            if callback is not None:
+                callback(StepInfo(s, ids, sampled))
+        return sampled.reshape(self.B, *self.cfg.grid)
+
     def initial_ids(self) -> torch.Tensor:
         return torch.full((self.B, self.cfg.tokens), self.cfg.mask_id, dtype=torch.int64, device=self.device)
 
@@ -301,14 +311,7 @@ def sample(
     ctx = model.using_backend(model.backend if backend == "model" else backend)
     with ctx, ek.value_checks(False):
         run = _Sampler(model, labels, steps, cfg, mask_temp, samp_temp, generator, batch_guidance, head)
-        ids, state, mods = run.initial_ids(), None, run.modulation()
-        sampled = ids
-        for s in range(run.plan.total_steps):
-            ids, sampled, state = run.step(s, ids, state, mods)
-            if callback is not None:
-                callback(StepInfo(s, ids, sampled))
-    h, w = model.config.grid
-    return sampled.reshape(-1, h, w)
+        return run.loop(callback)
 
 
 class CUDAGraphSampler:
@@ -341,7 +344,7 @@ class CUDAGraphSampler:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (lazy initializations must not be captured)
                 for _ in range(warmup):
-                    self._loop()
+                    self.run.loop()
             torch.cuda.current_stream().wait_stream(stream)
             self.graphs, pool = [], torch.cuda.graph_pool_handle()
             self.ids0 = self.run.initial_ids()
@@ -355,11 +358,6 @@ class CUDAGraphSampler:
                         self.mods = self.run.modulation()
                     ids, self.sampled, state = self.run.step(s, ids, state, self.mods)
                 self.graphs.append(graph)
-
-    def _loop(self):
-        ids, state, mods = self.run.initial_ids(), None, self.run.modulation()
-        for s in range(self.run.plan.total_steps):
-            ids, _, state = self.run.step(s, ids, state, mods)
 
     @torch.no_grad()
     def __call__(self, labels, seeds: Sequence[int]) -> torch.Tensor:
