@@ -62,7 +62,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         hint = ""
         cfg = getattr(model, "config", None)
         try:
-            guess = infer_config(state, heads=getattr(cfg, "heads", None))
+            guess = infer_config(state, heads=getattr(cfg, "heads", None), depth_dec=getattr(cfg, "depth_dec", None))
             if cfg is not None and guess != cfg:
                 hint = f"; the checkpoint looks like configuration {guess.name}, the model is {cfg.name}"
         except CheckpointError:
@@ -103,7 +103,7 @@ def infer_config(state: dict[str, torch.Tensor], *, heads: int | None = None, de
     except KeyError as e:
         raise CheckpointError(f"not an ENAT state dict: key {e.args[0]!r} is missing") from e
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    nd = depth_dec if depth_dec is not None else min(2, depth)
+    nd = min(depth_dec if depth_dec is not None else 2, depth)
     h = heads if heads is not None else max(1, C // 64)
     try:
         return ENATConfig(depth - nd, nd, int(C), int(h), int(L), codebook_size=int(V1) - 1, num_classes=int(K1) - 1,

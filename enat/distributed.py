@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -59,6 +60,18 @@ class RunSettings:
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SliceDone:
+    """One computed slice, as passed to sample_many's on_slice callback."""
+
+    index: int
+    sample_indices: np.ndarray
+    labels: np.ndarray
+    seeds: list[int]
+    tokens: np.ndarray
+    seconds: float
 
 
 @dataclass
@@ -126,19 +139,21 @@ def sample_many(
     samp_temp: float = 6.0,
     labels: Callable[[int], int] | Sequence[int] | None = None,
     backend: str | None = "model",
-    on_slice: Callable[[int, int, float], None] | None = None,
+    sample_fn: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+    on_slice: Callable[["SliceDone"], None] | None = None,
 ) -> ScaleOutResult:
     """Generate `num_samples` token maps over all ranks of the default process group (or alone).
 
     Args:
         labels: class of sample i: a function of i, a sequence of N classes, or None
             (i mod K).
-        on_slice: called as on_slice(slice, n_samples, seconds) after each computed slice
-            (progress bars, throughput).
+        sample_fn: sample_fn(labels, seeds) -> tokens (B, h, w) replaces the default call
+            of enat.sample with one generator per sample (e.g. a CUDAGraphSampler).
+        on_slice: called with a SliceDone after each computed slice (progress bars,
+            throughput, comparisons).
 
     Returns a ScaleOutResult; rank 0's holds every sample's tokens and labels in index order.
     """
-    import time
 
     rank, world = _rank_world()
     cfg_model = model.config
@@ -172,18 +187,20 @@ def sample_many(
         if tokens is not None:
             result.skipped.append(j)
         else:
-            gens = [torch.Generator(device=device).manual_seed(sample_seed(global_seed, int(i))) for i in indices]
+            seeds = [sample_seed(global_seed, int(i)) for i in indices]
             t0 = time.perf_counter()
-            out = sample(model, torch.as_tensor(lab), steps, cfg, mask_temp=mask_temp, samp_temp=samp_temp,
-                         generator=gens, backend=backend)
-            tokens = out.cpu().numpy().astype(dtype)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if sample_fn is None:
+                gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds]
+                out = sample(model, torch.as_tensor(lab), steps, cfg, mask_temp=mask_temp, samp_temp=samp_temp,
+                             generator=gens, backend=backend)
+            else:
+                out = sample_fn(torch.as_tensor(lab), seeds)
+            tokens = out.cpu().numpy().astype(dtype)  # waits for the device
             seconds = time.perf_counter() - t0
             _save_slice(path, key, indices, lab, tokens)
             result.computed.append(j)
             if on_slice is not None:
-                on_slice(j, len(indices), seconds)
+                on_slice(SliceDone(j, indices, lab, seeds, tokens, seconds))
         local[j] = tokens
 
     # Gather every rank's slices on rank 0 (pickled numpy arrays; works with gloo and nccl).

@@ -1,0 +1,286 @@
+"""``enat-sample``: generate ENAT samples, measure images/s, compare with the reference path.
+
+    enat-sample                       # CPU demo: small random-weight model, 16 samples
+    enat-sample --compare             # + the torch reference path on the same weights and seeds
+    enat-sample --checkpoint nnet_ema.pth --vq-checkpoint vqgan_jax_strongaug.ckpt -n 50 --device cuda
+    torchrun --nproc_per_node=8 -m enat.cli --checkpoint nnet_ema.pth -n 50000 --resume --out in256
+
+Without --checkpoint the weights are random (said plainly): the tokens are noise and
+the run measures speed.  Without --vq-checkpoint there are no images: tokens are saved
+as .npy with a preview PNG labelled as token maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from . import backends as _backends
+from .checkpoint import CheckpointError, infer_config, load_checkpoint, read_state_dict
+from .configs import DEFAULT_CONFIG, NAMED, get_config, sampling_settings
+from .distributed import SliceDone, init_from_env, sample_many
+from .model import ENAT
+from .sampler import CUDAGraphSampler, sample
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="enat-sample",
+        description="Sample class-conditional token maps with ENAT (fused enat_kernels path), report images/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None,
+                   help=f"configuration name, e.g. enat-l-256 or e22d2-c1024h16-l256 (default {DEFAULT_CONFIG}, or read from --checkpoint); "
+                        f"documented: {', '.join(NAMED)}")
+    p.add_argument("--checkpoint", default=None, help="ENAT weights (e.g. nnet_ema.pth); random weights without it")
+    p.add_argument("--heads", type=int, default=None, help="head count when the configuration is read from --checkpoint (default width / 64)")
+    p.add_argument("-n", "--num-samples", type=int, default=16)
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="samples per batch (= per resumable slice)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (published: 8)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (published: 2.5 at 256 px, 3.5 at 512 px)")
+    p.add_argument("--mask-temp", type=float, default=None, help="masking temperature (published: 1.5)")
+    p.add_argument("--samp-temp", type=float, default=None, help="sampling temperature (published: 6 at 256 px, 4 at 512 px)")
+    p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i)")
+    p.add_argument("--class", dest="klass", type=int, default=None, help="one class for every sample (default: sample i gets class i mod K)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + tuple(_backends.BACKENDS),
+                   help="enat_kernels backend of the fused path (auto: cpu on CPUs, triton/cuda on GPUs)")
+    p.add_argument("--compare", action="store_true", help="also time the reference (torch) path on the same weights and seeds")
+    p.add_argument("--out", default="enat_samples", help="output folder")
+    p.add_argument("--resume", action="store_true", help="keep slices already saved in OUT/slices and compute only the rest")
+    p.add_argument("--vq-checkpoint", default=None, help="MaskGIT VQGAN checkpoint (vqgan_jax_strongaug.ckpt) to decode images")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--cuda-graph", action="store_true", help="capture each sampling step in a CUDA graph (GPU only)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--profile", action="store_true", help="print where sampling time goes (torch.profiler), per category")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+class Progress:
+    """A one-line progress bar on stderr (rank 0 only)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.seconds, self.enabled = total, 0, 0.0, enabled and total > 0
+        self.start = time.perf_counter()
+        self.draw()
+
+    def update(self, n: int, seconds: float) -> None:
+        self.done += n
+        self.seconds += seconds
+        self.draw()
+
+    def draw(self) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / self.total)
+        rate = f"{self.done / self.seconds:6.2f} img/s" if self.seconds > 0 else "  warming up"
+        sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} samples {rate}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _say(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def _build_model(args, device, dtype):
+    """The model and a sentence on where its weights come from."""
+    state = None
+    if args.checkpoint:
+        state = read_state_dict(args.checkpoint)
+    if args.config is None and state is not None:
+        config = infer_config(state, heads=args.heads)
+    else:
+        config = get_config(args.config or DEFAULT_CONFIG)
+    model = ENAT(config)
+    if state is not None:
+        load_checkpoint(model, args.checkpoint)
+        origin = f"weights from {args.checkpoint}"
+    else:
+        model.reset_parameters(torch.Generator().manual_seed(args.seed))
+        origin = "RANDOM weights (no --checkpoint): the tokens are noise; this run measures speed"
+    return model.to(device=device, dtype=dtype).eval(), origin
+
+
+def _fused_backend(args, device) -> str:
+    return _backends.fused_backend_for(device) if args.backend == "auto" else args.backend
+
+
+def _describe_fused(model, device, dtype) -> tuple[str, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        desc = model.resolved_backends(device, dtype).describe()
+    return desc, [str(w.message) for w in caught]
+
+
+def _graph_sampler_fn(model, settings, backend):
+    """sample_fn for sample_many that replays one CUDAGraphSampler per batch size."""
+    graphs: dict[int, CUDAGraphSampler] = {}
+
+    def fn(labels, seeds):
+        B = labels.shape[0]
+        if B not in graphs:
+            graphs[B] = CUDAGraphSampler(model, B, settings["steps"], settings["cfg"], mask_temp=settings["mask_temp"],
+                                         samp_temp=settings["samp_temp"], backend=backend)
+        return graphs[B](labels, seeds)
+
+    return fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cuda_graph and device.type != "cuda":
+        print("enat-sample: --cuda-graph needs --device cuda", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    distributed = init_from_env(device.type)
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    try:
+        model, origin = _build_model(args, device, dtype)
+    except (CheckpointError, ValueError) as e:
+        print(f"enat-sample: {e}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    pub = sampling_settings(cfg)
+    settings = dict(steps=args.steps or pub.steps, cfg=pub.cfg_scale if args.cfg is None else args.cfg,
+                    mask_temp=pub.mask_temp if args.mask_temp is None else args.mask_temp,
+                    samp_temp=pub.samp_temp if args.samp_temp is None else args.samp_temp)
+    fused = _fused_backend(args, device)
+    model.set_backend(fused)
+    desc, notes = _describe_fused(model, device, dtype)
+
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    _say(rank, f"enat-sample: {cfg.name} ({cfg.num_params() / 1e6:.1f}M parameters), {origin}")
+    _say(rank, f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
+               f"{settings['steps']} steps, cfg {settings['cfg']}, mask_temp {settings['mask_temp']}, samp_temp {settings['samp_temp']}")
+    _say(rank, f"  fused path: backend {desc}" + (", CUDA graphs" if args.cuda_graph else ""))
+    for note in notes:
+        _say(rank, f"  note: {note}")
+
+    slices_dir = os.path.join(args.out, "slices")
+    if rank == 0 and not args.resume:
+        old = glob.glob(os.path.join(slices_dir, "slice_*.npz"))
+        for f in old:
+            os.remove(f)
+    if distributed:
+        torch.distributed.barrier()
+
+    labels = None if args.klass is None else (lambda i: args.klass)
+    # Warm-up (lazy initialization, first-call allocations) outside the timings, each path.
+    warm = torch.zeros(1, dtype=torch.int64)
+    paths = [fused] + (["torch"] if args.compare else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # already reported as notes
+        for be in paths:
+            sample(model, warm, steps=2, generator=torch.Generator(device=device).manual_seed(0), backend=be)
+
+        stats = {"fused_n": 0, "fused_s": 0.0, "ref_n": 0, "ref_s": 0.0, "same": 0, "tokens": 0}
+        progress = Progress(-(-args.num_samples // world), enabled=rank == 0 and not args.quiet)
+
+        def on_slice(done: SliceDone) -> None:
+            stats["fused_n"] += len(done.sample_indices)
+            stats["fused_s"] += done.seconds
+            if args.compare:  # interleaved with the fused run: both see the same machine load
+                gens = [torch.Generator(device=device).manual_seed(s) for s in done.seeds]
+                t0 = time.perf_counter()
+                ref = sample(model, torch.as_tensor(done.labels), settings["steps"], settings["cfg"], mask_temp=settings["mask_temp"],
+                             samp_temp=settings["samp_temp"], generator=gens, backend="torch").cpu().numpy()
+                stats["ref_s"] += time.perf_counter() - t0
+                stats["ref_n"] += len(done.sample_indices)
+                stats["same"] += int((ref == done.tokens).sum())
+                stats["tokens"] += ref.size
+            progress.update(len(done.sample_indices), done.seconds)
+
+        sample_fn = _graph_sampler_fn(model, settings, fused) if args.cuda_graph else None
+        result = sample_many(model, args.num_samples, slices_dir, global_seed=args.seed, slice_size=args.batch_size,
+                             labels=labels, backend=fused, sample_fn=sample_fn, on_slice=on_slice, **settings)
+        progress.close()
+
+    if distributed:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, stats)
+    else:
+        everyone = [stats]
+    if rank == 0:
+        _report(everyone, fused, desc, args, result, world)
+        _save_outputs(args, cfg, result, device)
+        if args.profile:
+            _profile(model, fused, args, settings, device)
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _report(everyone, fused, desc, args, result, world) -> None:
+    def rate(n_key, s_key):  # aggregate throughput: every rank works in parallel
+        return sum(s[n_key] / s[s_key] for s in everyone if s[s_key] > 0)
+
+    computed = sum(s["fused_n"] for s in everyone)
+    if computed == 0:
+        print(f"  all {args.num_samples} samples were already saved in {args.out}/slices (--resume): nothing to time")
+        return
+    f = rate("fused_n", "fused_s")
+    label = f"fused ({fused}):"
+    print(f"  {label:<19}{f:8.2f} images/s  ({computed} samples{f', {world} processes' if world > 1 else ''}; backend {desc})")
+    if args.compare:
+        r = rate("ref_n", "ref_s")
+        same = sum(s["same"] for s in everyone) / max(1, sum(s["tokens"] for s in everyone))
+        print(f"  {'reference (torch):':<19}{r:8.2f} images/s  (same weights and seeds; {100 * same:.1f}% identical tokens)")
+        print(f"  {'speedup:':<19}{f / r:8.2f}x")
+
+
+def _save_outputs(args, cfg, result, device) -> None:
+    from .vq import load_vq_decoder, save_images, save_token_maps
+
+    tokens = torch.as_tensor(result.tokens.astype(np.int64))
+    os.makedirs(args.out, exist_ok=True)
+    print(f"  tokens: {result.path} ({tokens.shape[0]} x {tokens.shape[1]} x {tokens.shape[2]}, VQ code ids)")
+    if args.vq_checkpoint:
+        decoder = load_vq_decoder(args.vq_checkpoint, codebook_size=cfg.codebook_size, device=device)
+        paths = []
+        for i in range(0, tokens.shape[0], 16):
+            images = decoder.decode(tokens[i : i + 16].to(device))
+            paths += save_images(images, args.out, start=i)
+        print(f"  images: {len(paths)} PNGs in {args.out} (decoded with {args.vq_checkpoint})")
+    else:
+        shown = tokens[:64]
+        npy, png = save_token_maps(shown, args.out, codebook_size=cfg.codebook_size)
+        print(f"  preview: {png} -- TOKEN MAPS (one colour per code), NOT images; "
+              f"pass --vq-checkpoint to decode images")
+
+
+def _profile(model, fused, args, settings, device) -> None:
+    from .profiling import format_breakdown, profile_sampling
+
+    labels = torch.arange(min(args.batch_size, args.num_samples)) % model.config.num_classes
+    for be in [fused] + (["torch"] if args.compare else []):
+        gen = torch.Generator(device=device).manual_seed(0)
+        cats = profile_sampling(lambda: sample(model, labels, settings["steps"], settings["cfg"], mask_temp=settings["mask_temp"],
+                                               samp_temp=settings["samp_temp"], generator=gen, backend=be))
+        print(format_breakdown(cats, f"  profile, {be} path, one batch of {labels.shape[0]}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
