@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     model.set_backend(fused)
     desc, notes = _describe_fused(model, device, dtype)
 
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
     _say(rank, f"enat-sample: {cfg.name} ({cfg.num_params() / 1e6:.1f}M parameters), {origin}")
     _say(rank, f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
                f"{settings['steps']} steps, cfg {settings['cfg']}, mask_temp {settings['mask_temp']}, samp_temp {settings['samp_temp']}")
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         everyone = [stats]
     if rank == 0:
-        _report(everyone, fused, desc, args, result, world)
+        _report(everyone, fused, args, world)
         _save_outputs(args, cfg, result, device)
         if args.profile:
             _profile(model, fused, args, settings, device)
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report(everyone, fused, desc, args, result, world) -> None:
+def _report(everyone, fused, args, world) -> None:
     def rate(n_key, s_key):  # aggregate throughput: every rank works in parallel
         return sum(s[n_key] / s[s_key] for s in everyone if s[s_key] > 0)
 
@@ -243,7 +244,7 @@ def _report(everyone, fused, desc, args, result, world) -> None:
         return
     f = rate("fused_n", "fused_s")
     label = f"fused ({fused}):"
-    print(f"  {label:<19}{f:8.2f} images/s  ({computed} samples{f', {world} processes' if world > 1 else ''}; backend {desc})")
+    print(f"  {label:<19}{f:8.2f} images/s  ({computed} samples{f', {world} processes' if world > 1 else ''})")
     if args.compare:
         r = rate("ref_n", "ref_s")
         same = sum(s["same"] for s in everyone) / max(1, sum(s["tokens"] for s in everyone))

@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 
-import enat
 import enat.backends as enat_backends
 from enat import ENAT, sample
 from enat_kernels import _dispatch
