@@ -162,6 +162,9 @@ def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: i
     return "torch"
 
 
+# Dynamo cannot trace the dispatcher queries behind availability (has_kernel): the
+# choice is computed once at trace time and baked into the graph as a constant.
+@torch.compiler.assume_constant_result
 def select_routing(backend, device: torch.device, op: str) -> str:
     requested = _requested(backend)
     dt = device.type
