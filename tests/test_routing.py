@@ -585,6 +585,55 @@ def test_opcheck(backend, gen):
         torch.library.opcheck(op, args, test_utils=tests)
 
 
+_TRACE_TRITON_OPS = """
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from enat_kernels import _ops
+from enat_kernels.triton import routing as T
+
+def f(x, mask, a, idx_a, b, idx_b):
+    idx, lens = T.mask_to_indices(mask, 5)
+    return idx, lens, T.gather_rows(x, idx), T.scatter_rows(a, idx_a, b, idx_b, x.shape[1])
+
+x, mask = torch.randn(2, 12, 3, dtype=torch.float16), torch.rand(2, 12) < 0.3
+a, b = torch.randn(2, 4, 3, dtype=torch.float16), torch.randn(2, 5, 3, dtype=torch.float16)
+ia, ib = torch.full((2, 4), -1), torch.full((2, 5), -1)
+# Functionalized, as torch.compile's AOT stage sees it: each op decomposes into its kernels.
+code = make_fx(dispatch_functionalize(f), tracing_mode="symbolic")(x, mask, a, ia, b, ib).code
+assert code.count("triton_kernel_wrapper_functional(") == 4, code  # mask, gather, scatter a, scatter b
+with FakeTensorMode() as mode:
+    args = [mode.from_tensor(t) for t in (x, mask, a, ia, b, ib)]
+    got = f(*args)
+    want = (*_ops.mask_to_indices_fake(args[1], 5), _ops.gather_rows_fake(args[0], got[0]),
+            _ops.scatter_rows_fake(args[2], args[3], args[4], args[5], 12))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g, w)
+print("ok")
+"""
+
+
+def test_triton_ops_trace_without_the_interpreter():
+    """What the interpreter cannot check (INTERPRETER_LIMIT), checked in a process without
+    it: the Triton ops trace with symbolic shapes into kernel-call nodes, and their fake
+    results match the shared fakes of _ops.py.  Nothing is launched."""
+    import os
+    import subprocess
+    import sys
+
+    from enat_kernels import triton as ek_triton
+
+    err = ek_triton.triton_error("cuda" if HAS_CUDA else "cpu")
+    if err is not None and "TRITON_INTERPRET" not in err:
+        pytest.skip(err)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _TRACE_TRITON_OPS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_compiles_without_graph_breaks(backend, gen):
     """split -> restore traces whole under torch.compile (fakes, SymInt sizes, no host sync)."""
