@@ -158,10 +158,10 @@ def gather_rows_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """out[b, i] = x[b, idx[b, i]], zeros where idx is -1 (or outside [0, L): invalid
     input, which the contract says gives zeros, not an error).  x (B, L, C), idx (B, N)."""
     L, C = x.shape[1], x.shape[2]
-    valid = (idx >= 0) & (idx < L)
-    safe = torch.where(valid, idx, torch.zeros_like(idx))[:, :, None].expand(-1, -1, C)
     if L == 0:  # nothing to read; every row is zero
         return x.new_zeros(x.shape[0], idx.shape[1], C)
+    valid = (idx >= 0) & (idx < L)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))[:, :, None].expand(-1, -1, C)
     out = torch.gather(x, 1, safe)
     return torch.where(valid[:, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 

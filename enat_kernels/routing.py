@@ -196,10 +196,11 @@ def split_tokens(
         for arg, bound, most, kind in (("num_true", num_true, most_true, "True"), ("num_false", num_false, most_false, "False")):
             if isinstance(bound, int) and not isinstance(bound, bool) and most > bound:
                 raise ValueError(f"{arg} = {bound} but a row of mask has {most} {kind} entries; {arg} must bound every row's count")
-    with check.value_checks(False):  # checked above; the type and range checks stay on
+    # Counts checked above, indices valid by construction; type and shape checks stay on.
+    with check.value_checks(False):
         t_idx, t_len = mask_to_indices(mask, num_true, backend=backend)
         f_idx, f_len = mask_to_indices(~mask, num_false, backend=backend)
-    return TokenSplit(
-        gather_tokens(x, t_idx, backend=backend), t_idx, t_len,
-        gather_tokens(x, f_idx, backend=backend), f_idx, f_len,
-    )
+        return TokenSplit(
+            gather_tokens(x, t_idx, backend=backend), t_idx, t_len,
+            gather_tokens(x, f_idx, backend=backend), f_idx, f_len,
+        )
