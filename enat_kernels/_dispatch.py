@@ -71,7 +71,11 @@ def backend_error(name: str, device_type: str) -> str | None:
     if name == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
-        return _extension.cuda_extension_error()
+        err = _extension.cuda_extension_error()
+        if err is None and not torch.cuda.is_available():
+            archs = _extension.build_info().get("CUDA_ARCHS")
+            return f"extension loaded (compiled for {archs}), but no CUDA device is visible"
+        return err
     if name == "triton":
         from . import triton as _triton
 
@@ -162,6 +166,9 @@ def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: i
     return "torch"
 
 
+# Dynamo cannot trace the dispatcher queries behind availability (has_kernel): the
+# choice is computed once at trace time and baked into the graph as a constant.
+@torch.compiler.assume_constant_result
 def select_routing(backend, device: torch.device, op: str) -> str:
     requested = _requested(backend)
     dt = device.type
@@ -212,10 +219,6 @@ def backends() -> dict[str, BackendStatus]:
         err = backend_error(name, dt)
         if err is not None:
             out[name] = BackendStatus(False, err)
-            continue
-        if name == "cuda" and not torch.cuda.is_available():
-            archs = _extension.build_info().get("CUDA_ARCHS")
-            out[name] = BackendStatus(False, f"extension loaded (compiled for {archs}), but no CUDA device is visible")
             continue
         if name == "torch":
             out[name] = BackendStatus(True, "reference PyTorch math, every device")

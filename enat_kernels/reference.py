@@ -155,11 +155,15 @@ def mask_to_indices_ref(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, t
 
 
 def gather_rows_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """out[b, i] = x[b, idx[b, i]], zeros where idx is -1.  x (B, L, C), idx (B, N)."""
-    C = x.shape[2]
-    safe = idx.clamp(min=0)[:, :, None].expand(-1, -1, C)
+    """out[b, i] = x[b, idx[b, i]], zeros where idx is -1 (or outside [0, L): invalid
+    input, which the contract says gives zeros, not an error).  x (B, L, C), idx (B, N)."""
+    L, C = x.shape[1], x.shape[2]
+    if L == 0:  # nothing to read; every row is zero
+        return x.new_zeros(x.shape[0], idx.shape[1], C)
+    valid = (idx >= 0) & (idx < L)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))[:, :, None].expand(-1, -1, C)
     out = torch.gather(x, 1, safe)
-    return torch.where((idx >= 0)[:, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(valid[:, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def scatter_rows_ref(
@@ -175,9 +179,9 @@ def scatter_rows_ref(
     for src, idx in ((a, idx_a), (b, idx_b)):
         if src is None:
             continue
-        tgt = torch.where(idx >= 0, idx, torch.full_like(idx, seq_len))
+        tgt = torch.where((idx >= 0) & (idx < seq_len), idx, torch.full_like(idx, seq_len))
         out = out.scatter(1, tgt[:, :, None].expand(-1, -1, C), src)
-    return out[:, :seq_len]
+    return out[:, :seq_len].contiguous()  # the contract promises a contiguous result
 
 
 def merge_ranks_ref(idx_a: torch.Tensor, idx_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ dimensions are treated as one row of bytes.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -40,7 +41,8 @@ def _rows(name: str, x) -> tuple[torch.Tensor, tuple]:
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (batch, tokens, ...), got {tuple(x.shape)}")
     tail = tuple(x.shape[2:])
-    return x.reshape(x.shape[0], x.shape[1], -1).contiguous(), tail
+    # The row size is spelled out: reshape cannot infer -1 when B or L is 0.
+    return x.reshape(x.shape[0], x.shape[1], math.prod(tail)).contiguous(), tail
 
 
 def _unrows(x: torch.Tensor, tail: tuple) -> torch.Tensor:
@@ -105,8 +107,10 @@ def restore_tokens(
     """
     a3, tail = _rows("a", a)
     B = a3.shape[0]
-    if not isinstance(seq_len, (int, torch.SymInt)) or isinstance(seq_len, bool) or seq_len < 0:
-        raise TypeError(f"seq_len must be a non-negative int, got {seq_len!r}")
+    if not isinstance(seq_len, (int, torch.SymInt)) or isinstance(seq_len, bool):
+        raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__}")
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be non-negative, got {seq_len}")
     if (b is None) != (idx_b is None):
         raise ValueError("b and idx_b must both be given or both be None")
     b3 = None
@@ -183,11 +187,20 @@ def split_tokens(
     """
     check.tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
     L = mask.shape[1]
-    if num_false is None:
+    if num_false is None and isinstance(num_true, (int, torch.SymInt)):
         num_false = L - num_true
-    t_idx, t_len = mask_to_indices(mask, num_true, backend=backend)
-    f_idx, f_len = mask_to_indices(~mask, num_false, backend=backend)
-    return TokenSplit(
-        gather_tokens(x, t_idx, backend=backend), t_idx, t_len,
-        gather_tokens(x, f_idx, backend=backend), f_idx, f_len,
-    )
+    if check.value_checks_enabled() and mask.numel() > 0:
+        # One host sync for both bounds, and errors that name the caller's arguments.
+        n_true = mask.sum(dim=1)
+        most_true, most_false = torch.stack([n_true.max(), L - n_true.min()]).tolist()
+        for arg, bound, most, kind in (("num_true", num_true, most_true, "True"), ("num_false", num_false, most_false, "False")):
+            if isinstance(bound, int) and not isinstance(bound, bool) and most > bound:
+                raise ValueError(f"{arg} = {bound} but a row of mask has {most} {kind} entries; {arg} must bound every row's count")
+    # Counts checked above, indices valid by construction; type and shape checks stay on.
+    with check.value_checks(False):
+        t_idx, t_len = mask_to_indices(mask, num_true, backend=backend)
+        f_idx, f_len = mask_to_indices(~mask, num_false, backend=backend)
+        return TokenSplit(
+            gather_tokens(x, t_idx, backend=backend), t_idx, t_len,
+            gather_tokens(x, f_idx, backend=backend), f_idx, f_len,
+        )
