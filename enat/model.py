@@ -24,7 +24,6 @@ from torch import nn
 import enat_kernels as ek
 from enat_kernels import _validation
 
-from . import _tokens as tokens
 from . import backends as _backends
 from .configs import ENATConfig, get_config
 from .profiling import scope
@@ -430,7 +429,7 @@ class ENAT(nn.Module):
                     new = blk(new, m, cond, x_lens=new_len, cond_lens=old_len, cond_normed=cond_normed, **run)
             with scope("enat::routing"):
                 # Visible set in position order: encoder output where newly revealed, reused features elsewhere.
-                vis, vis_idx = tokens.merge(new, new_idx, cond, old_idx, routing)
+                vis, vis_idx = ek.merge_tokens(new, new_idx, cond, old_idx, backend=routing)
             vis_len = new_len + old_len
 
         vis_normed = self._shared_norm(vis, fused)
@@ -438,6 +437,6 @@ class ENAT(nn.Module):
             msk = blk(msk, m, vis, x_lens=msk_len, cond_lens=vis_len, cond_normed=vis_normed, **run)
 
         with scope("enat::routing"):
-            feat = tokens.restore(vis, vis_idx, msk, msk_idx, L, routing)
+            feat = ek.restore_tokens(vis, vis_idx, msk, msk_idx, L, backend=routing)
         logits = self.head(feat if logits_for == "all" else msk)
         return ENATOutput(logits, feat, masking, msk_idx, msk_len)

@@ -33,7 +33,6 @@ import torch
 import enat_kernels as ek
 
 from .configs import ENATConfig
-from . import _tokens as tokens
 from .model import ENAT, TokenCounts
 from .profiling import scope
 
@@ -255,8 +254,8 @@ class _Sampler:
         confidence = pick_logp + self.mask_temp[s][:, None] * _noise(self.generator, rows, None, B, Nm, self.device, on)
         # Back to positions; -1 slots (padding of shorter rows) are skipped by the scatter.
         masking = ids == self.cfg.mask_id
-        pick_full = tokens.restore(pick[:, :, None], idx, None, None, L, routing)[:, :, 0]
-        conf_full = tokens.restore(confidence[:, :, None], idx, None, None, L, routing)[:, :, 0]
+        pick_full = ek.scatter_tokens(pick, idx, L, backend=routing)
+        conf_full = ek.scatter_tokens(confidence, idx, L, backend=routing)
         sampled = torch.where(masking, pick_full, ids)
         conf_full = torch.where(masking, conf_full, torch.full_like(conf_full, math.inf))  # visible: never re-masked
         # Re-mask the remask[b] least confident of each row (rank < count; counts differ per row when ragged).
