@@ -15,6 +15,7 @@ back to the host.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,13 +97,28 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
+    def forward(self, x, fused: bool = False):
         with scope("enat::linear"):
             h = self.fc1(x)
         with scope("enat::activation"):
-            h = self.act(h)
+            h = _gelu_tanh_inplace(h) if fused and h.device.type == "cpu" and not torch.is_grad_enabled() else self.act(h)
         with scope("enat::linear"):
             return self.fc2(h)
+
+
+_GELU_C1 = 2 * math.sqrt(2 / math.pi)
+_GELU_C3 = _GELU_C1 * 0.044715
+
+
+def _gelu_tanh_inplace(h: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation, written as h * sigmoid(2k (h + 0.044715 h^3)).
+
+    The same function (0.5 (1 + tanh z) = sigmoid(2z)); on CPUs about twice as fast
+    as ATen's gelu(approximate="tanh"), whose vectorized tanh is several times slower
+    than its sigmoid (measured on AVX2).  Overwrites h (the fc1 output, used once).
+    """
+    z = torch.addcmul(torch.tensor(_GELU_C1, dtype=h.dtype), h, h, value=_GELU_C3)
+    return h.mul_(z.mul_(h).sigmoid_())
 
 
 class TokenEmbedding(nn.Module):
@@ -139,10 +155,10 @@ class PrevProj(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, mlp_ratio * dim)
 
-    def forward(self, z):
+    def forward(self, z, fused: bool = False):
         with scope("enat::norm_mod"):
             h = self.norm(z)
-        return z + self.mlp(h)
+        return z + self.mlp(h, fused)
 
 
 class MlmLayer(nn.Module):
@@ -175,7 +191,8 @@ class ENATBlock(nn.Module):
     - fused (every other backend): q and kv.B (both read the same normalized input)
       in one GEMM, modulation and gated residuals as single addcmul passes, and the
       cond segment's LayerNorm taken from the caller (it is the same tensor for all
-      encoder blocks, and for all decoder blocks), so it is computed once per forward.
+      encoder blocks, and for all decoder blocks), so it is computed once per forward;
+      on CPUs at inference, the MLP's GELU in its sigmoid form (see _gelu_tanh_inplace).
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int):
@@ -239,7 +256,7 @@ class ENATBlock(nn.Module):
         with scope("enat::norm_mod"):
             x = torch.addcmul(x, gate_msa[:, None], y) if fused else x + gate_msa[:, None] * y
             h = modulate(self.norm2(x), shift_mlp, scale_mlp)
-        y = self.mlp(h)
+        y = self.mlp(h, fused)
         with scope("enat::norm_mod"):
             return torch.addcmul(x, gate_mlp[:, None], y) if fused else x + gate_mlp[:, None] * y
 
@@ -422,7 +439,7 @@ class ENAT(nn.Module):
                 old = ek.gather_tokens(prev["feat"].detach(), old_idx, backend=routing)
                 new_idx, new_len = ek.mask_to_indices(~masking & prev_masking, counts.new, backend=routing)
                 new = ek.gather_tokens(x, new_idx, backend=routing)
-            cond = self.prev_proj(old).to(x.dtype)
+            cond = self.prev_proj(old, fused).to(x.dtype)
             if counts.new > 0:
                 cond_normed = self._shared_norm(cond, fused)
                 for blk, m in enc:

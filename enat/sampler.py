@@ -118,7 +118,7 @@ def gumbel(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     u is clamped away from 0 so the noise stays finite (it lies in [-4.5, 16.7]).
     """
     u = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
-    return -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float32).tiny)))
+    return u.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()  # -log(-log u), in place
 
 
 def _noise(generator, rows: Sequence[int], width: int | None, batch: int, n: int, device, active: Sequence[bool]):
@@ -180,6 +180,9 @@ class _Sampler:
             raise ValueError(f"head must be 'masked' or 'all', got {head!r}")
         _check_generator(generator, B, self.device)
         self.B, self.generator, self.batch_guidance, self.head = B, generator, batch_guidance, head
+        # The reference path (backend "torch") runs the published formulas op by op; the
+        # others run the same math in fewer passes (as the model's fused path does).
+        self.fused = model.backend != "torch"
         self.plan = SamplingPlan.build(cfg.tokens, steps, cfg_scale, mask_temp, samp_temp)
 
         def table(rows, dtype=torch.float32):
@@ -230,7 +233,10 @@ class _Sampler:
             uncond = ek.gather_tokens(uncond, idx, backend=routing)
         with scope("enat::sampling"):
             g = self.guidance[s][:, None, None]
-            guided = cond.float() + g * (cond.float() - uncond.float())
+            if self.fused:  # one pass: uncond + (1 + g)(cond - uncond)
+                guided = torch.lerp(uncond.float(), cond.float(), 1 + g)
+            else:
+                guided = cond.float() + g * (cond.float() - uncond.float())
         return guided, idx, new_state
 
     def step(self, s: int, ids, state, mods):
@@ -245,12 +251,19 @@ class _Sampler:
         """Sample the masked tokens from guided logits (B, Nm, V), then re-mask the least confident."""
         plan, L = self.plan, self.cfg.tokens
         B, Nm, V = logits.shape
-        logp = torch.log_softmax(logits, dim=-1)
-        rows, on = plan.masked_in[s], plan.started[s]
+        rows, on, temp = plan.masked_in[s], plan.started[s], self.samp_temp[s][:, None, None]
         # Categorical(logp / T_samp) by the Gumbel-max trick: argmax(logp / T + G).
         noise = _noise(self.generator, rows, V, B, Nm, self.device, on)
-        pick = torch.argmax(logp / self.samp_temp[s][:, None, None] + noise, dim=-1)  # (B, Nm)
-        pick_logp = torch.gather(logp, 2, pick[:, :, None])[:, :, 0]
+        if self.fused:
+            # logp = logits - lse differs from logits by a per-row constant: the argmax
+            # needs no log-softmax, and the picked log-prob is one gather minus lse.
+            lse = torch.logsumexp(logits, dim=-1)
+            pick = torch.argmax(noise.addcdiv_(logits, temp), dim=-1)  # (B, Nm)
+            pick_logp = torch.gather(logits, 2, pick[:, :, None])[:, :, 0] - lse
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            pick = torch.argmax(logp / temp + noise, dim=-1)
+            pick_logp = torch.gather(logp, 2, pick[:, :, None])[:, :, 0]
         confidence = pick_logp + self.mask_temp[s][:, None] * _noise(self.generator, rows, None, B, Nm, self.device, on)
         # Back to positions; -1 slots (padding of shorter rows) are skipped by the scatter.
         masking = ids == self.cfg.mask_id

@@ -1,4 +1,8 @@
-"""The sampler: schedule, invariants, reproducibility, batched guidance, ragged batches, no host syncs."""
+"""The sampler: schedule, invariants, reproducibility, batched guidance, ragged batches, no host syncs.
+
+Invariants are checked on the reference path and on the fused cpu path (which warns
+once if its attention kernel is not built and then uses the reference attention).
+"""
 
 import contextlib
 import math
@@ -12,6 +16,8 @@ from enat import ENAT, sample
 from enat.sampler import SamplingPlan, _Sampler
 
 CFG = "e2d1-c64h2-l64"
+# The reference formulas and the fused path (kernels + fewer-pass sampler math).
+BACKENDS = ["torch", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +51,10 @@ def test_remask_counts_follow_the_schedule(model, steps):
         assert ((ids == model.config.mask_id).sum(1) == schedule[s]).all(), f"after step {s}"
 
 
-def test_visible_tokens_never_change_and_all_are_revealed(model):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_visible_tokens_never_change_and_all_are_revealed(model, backend):
     labels = torch.tensor([3, 9, 27, 1000])
-    out, inputs, sampled = record(model, labels, steps=8, generator=torch.Generator().manual_seed(2))
+    out, inputs, sampled = record(model, labels, steps=8, generator=torch.Generator().manual_seed(2), backend=backend)
     V = model.config.mask_id
     final = out.reshape(len(labels), -1)
     for s, ids in enumerate(inputs):
@@ -69,9 +76,10 @@ def test_same_seed_same_tokens(model):
     assert (a != c).float().mean() > 0.5
 
 
-def test_batched_guidance_equals_two_passes(model):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_guidance_equals_two_passes(model, backend):
     labels = torch.tensor([10, 20, 1000])
-    kw = dict(steps=6, cfg=3.0)
+    kw = dict(steps=6, cfg=3.0, backend=backend)
     one = sample(model, labels, generator=torch.Generator().manual_seed(3), batch_guidance=True, **kw)
     two = sample(model, labels, generator=torch.Generator().manual_seed(3), batch_guidance=False, **kw)
     assert torch.equal(one, two)
@@ -99,14 +107,16 @@ def test_guidance_and_temperatures_per_step():
     assert [t[0] for t in plan.samp_temp] == pytest.approx([4.5, 3.0, 1.5, 1e-3])
 
 
-def test_ragged_batch_rows_equal_rows_sampled_alone(model):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ragged_batch_rows_equal_rows_sampled_alone(model, backend):
     """Rows with different step counts (so different masked counts at every step), one
     generator per row: each row's tokens equal that row sampled alone."""
     labels, steps, seeds = torch.tensor([5, 6, 1000]), [6, 3, 4], [11, 12, 13]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    out, inputs, _ = record(model, labels, steps=steps, generator=gens)
+    out, inputs, _ = record(model, labels, steps=steps, generator=gens, backend=backend)
     for b in range(3):
-        alone = sample(model, labels[b : b + 1], steps=steps[b], generator=[torch.Generator().manual_seed(seeds[b])])
+        alone = sample(model, labels[b : b + 1], steps=steps[b], generator=[torch.Generator().manual_seed(seeds[b])],
+                       backend=backend)
         assert torch.equal(out[b], alone[0]), f"row {b}"
     counts = torch.stack([(ids == model.config.mask_id).sum(1) for ids in inputs])  # (T + 1, B)
     L, T = model.config.tokens, max(steps)
