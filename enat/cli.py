@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--cuda-graph", action="store_true", help="capture each sampling step in a CUDA graph (GPU only)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: all cores, or 1 when other processes already keep every core busy)")
     p.add_argument("--profile", action="store_true", help="print where sampling time goes (torch.profiler), per category")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -141,11 +142,32 @@ def _graph_sampler_fn(model, settings, backend):
     return fn
 
 
+def _cpu_threads(requested: int | None) -> tuple[int, str]:
+    """Threads for CPU sampling, and why.  OpenMP threads that wait for each other at
+    every op collapse when the cores are already busy (measured: 2 threads 5x slower
+    than 1 on a 2-core machine at load 7), so a busy machine gets one thread."""
+    if requested:
+        return requested, ""
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores > 1 and load >= cores:
+        return 1, f" (load average {load:.1f} on {cores} cores: 1 thread; --threads to override)"
+    return torch.get_num_threads(), ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_before = torch.get_num_threads()
+    try:
+        return _main(_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(threads_before)  # main() may be called in-process (tests)
+
+
+def _main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    why_threads = ""
+    if device.type == "cpu":
+        n_threads, why_threads = _cpu_threads(args.threads)
+        torch.set_num_threads(n_threads)
     if args.cuda_graph and device.type != "cuda":
         print("enat-sample: --cuda-graph needs --device cuda", file=sys.stderr)
         return 2
@@ -171,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     desc, notes = _describe_fused(model, device, dtype)
 
     n = torch.get_num_threads()
-    threads = f", {n} thread{'s' if n > 1 else ''}" if device.type == "cpu" else ""
+    threads = f", {n} thread{'s' if n > 1 else ''}{why_threads}" if device.type == "cpu" else ""
     _say(rank, f"enat-sample: {cfg.name} ({cfg.num_params() / 1e6:.1f}M parameters), {origin}")
     _say(rank, f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
                f"{settings['steps']} steps, cfg {settings['cfg']}, mask_temp {settings['mask_temp']}, samp_temp {settings['samp_temp']}")
