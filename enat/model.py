@@ -364,7 +364,7 @@ class ENAT(nn.Module):
     def _check_inputs(self, ids, labels, prev):
         cfg = self.config
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"ids must be an int64 (batch, tokens) tensor, got {getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+            raise TypeError(f"ids must be an integer (batch, tokens) tensor (int64 or int32), got {getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
         if ids.shape[1] != cfg.tokens:
             raise ValueError(f"ids has {ids.shape[1]} tokens per row but configuration {cfg.name} has {cfg.tokens}")
         if labels.reshape(-1).shape[0] != ids.shape[0]:
