@@ -25,7 +25,7 @@ import torch
 from . import backends as _backends
 from .checkpoint import CheckpointError, infer_config, load_checkpoint, read_state_dict
 from .configs import DEFAULT_CONFIG, NAMED, get_config, sampling_settings
-from .distributed import SliceDone, init_from_env, sample_many
+from .distributed import init_from_env, sample_many
 from .model import ENAT
 from .sampler import CUDAGraphSampler, sample
 
@@ -128,18 +128,51 @@ def _describe_fused(model, device, dtype) -> tuple[str, list[str]]:
     return desc, [str(w.message) for w in caught]
 
 
-def _graph_sampler_fn(model, settings, backend):
-    """sample_fn for sample_many that replays one CUDAGraphSampler per batch size."""
-    graphs: dict[int, CUDAGraphSampler] = {}
+class SliceRunner:
+    """Computes each slice on the fused path (optionally CUDA-graphed) and, with compare,
+    on the reference path too, alternating which goes first so that neither gets the
+    warmer caches or the quieter moment systematically; keeps the timings."""
 
-    def fn(labels, seeds):
-        B = labels.shape[0]
-        if B not in graphs:
-            graphs[B] = CUDAGraphSampler(model, B, settings["steps"], settings["cfg"], mask_temp=settings["mask_temp"],
-                                         samp_temp=settings["samp_temp"], backend=backend)
-        return graphs[B](labels, seeds)
+    def __init__(self, model, settings, fused: str, compare: bool, cuda_graph: bool, device):
+        self.model, self.settings, self.fused, self.compare, self.device = model, settings, fused, compare, device
+        self.graphs: dict[int, CUDAGraphSampler] | None = {} if cuda_graph else None
+        self.stats = {"fused_n": 0, "fused_s": 0.0, "ref_n": 0, "ref_s": 0.0, "same": 0, "tokens": 0}
+        self.last_seconds, self.calls = 0.0, 0
 
-    return fn
+    def _run(self, backend, labels, seeds):
+        st = self.settings
+        t0 = time.perf_counter()
+        if backend == self.fused and self.graphs is not None:
+            B = labels.shape[0]
+            if B not in self.graphs:  # captured once per batch size (the capture is not timed)
+                self.graphs[B] = CUDAGraphSampler(self.model, B, st["steps"], st["cfg"], mask_temp=st["mask_temp"],
+                                                  samp_temp=st["samp_temp"], backend=backend)
+                t0 = time.perf_counter()
+            out = self.graphs[B](labels, seeds)
+        else:
+            gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+            out = sample(self.model, labels, st["steps"], st["cfg"], mask_temp=st["mask_temp"], samp_temp=st["samp_temp"],
+                         generator=gens, backend=backend)
+        tokens = out.cpu()  # waits for the device
+        return tokens, time.perf_counter() - t0
+
+    def __call__(self, labels, seeds):
+        order = [self.fused, "torch"] if self.compare else [self.fused]
+        if self.calls % 2:
+            order.reverse()
+        self.calls += 1
+        done = {be: self._run(be, labels, seeds) for be in order}
+        tokens, self.last_seconds = done[self.fused]
+        n = labels.shape[0]
+        self.stats["fused_n"] += n
+        self.stats["fused_s"] += self.last_seconds
+        if self.compare:
+            ref, seconds = done["torch"]
+            self.stats["ref_n"] += n
+            self.stats["ref_s"] += seconds
+            self.stats["same"] += int((ref == tokens).sum())
+            self.stats["tokens"] += ref.numel()
+        return tokens
 
 
 def _cpu_threads(requested: int | None) -> tuple[int, str]:
@@ -210,41 +243,27 @@ def _main(args) -> int:
         torch.distributed.barrier()
 
     labels = None if args.klass is None else (lambda i: args.klass)
-    # Warm-up (lazy initialization, first-call allocations) outside the timings, each path.
-    warm = torch.zeros(1, dtype=torch.int64)
+    # Warm-up outside the timings, each path: lazy initialization and the first (largest:
+    # every token masked) allocations at the real batch size; two steps are enough.
+    warm = torch.arange(max(1, min(args.batch_size, args.num_samples))) % cfg.num_classes
     paths = [fused] + (["torch"] if args.compare else [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # already reported as notes
         for be in paths:
             sample(model, warm, steps=2, generator=torch.Generator(device=device).manual_seed(0), backend=be)
 
-        stats = {"fused_n": 0, "fused_s": 0.0, "ref_n": 0, "ref_s": 0.0, "same": 0, "tokens": 0}
+        runner = SliceRunner(model, settings, fused, args.compare, args.cuda_graph, device)
         progress = Progress(-(-args.num_samples // world), enabled=rank == 0 and not args.quiet)
-
-        def on_slice(done: SliceDone) -> None:
-            stats["fused_n"] += len(done.sample_indices)
-            stats["fused_s"] += done.seconds
-            if args.compare:  # interleaved with the fused run: both see the same machine load
-                gens = [torch.Generator(device=device).manual_seed(s) for s in done.seeds]
-                t0 = time.perf_counter()
-                ref = sample(model, torch.as_tensor(done.labels), settings["steps"], settings["cfg"], mask_temp=settings["mask_temp"],
-                             samp_temp=settings["samp_temp"], generator=gens, backend="torch").cpu().numpy()
-                stats["ref_s"] += time.perf_counter() - t0
-                stats["ref_n"] += len(done.sample_indices)
-                stats["same"] += int((ref == done.tokens).sum())
-                stats["tokens"] += ref.size
-            progress.update(len(done.sample_indices), done.seconds)
-
-        sample_fn = _graph_sampler_fn(model, settings, fused) if args.cuda_graph else None
         result = sample_many(model, args.num_samples, slices_dir, global_seed=args.seed, slice_size=args.batch_size,
-                             labels=labels, backend=fused, sample_fn=sample_fn, on_slice=on_slice, **settings)
+                             labels=labels, backend=fused, sample_fn=runner,
+                             on_slice=lambda done: progress.update(len(done.sample_indices), runner.last_seconds), **settings)
         progress.close()
 
     if distributed:
         everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, stats)
+        torch.distributed.all_gather_object(everyone, runner.stats)
     else:
-        everyone = [stats]
+        everyone = [runner.stats]
     if rank == 0:
         _report(everyone, fused, args, world)
         _save_outputs(args, cfg, result, device)
