@@ -34,25 +34,24 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="enat-sample",
         description="Sample class-conditional token maps with ENAT (fused enat_kernels path), report images/s.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", default=None,
                    help=f"configuration name, e.g. enat-l-256 or e22d2-c1024h16-l256 (default {DEFAULT_CONFIG}, or read from --checkpoint); "
                         f"documented: {', '.join(NAMED)}")
     p.add_argument("--checkpoint", default=None, help="ENAT weights (e.g. nnet_ema.pth); random weights without it")
     p.add_argument("--heads", type=int, default=None, help="head count when the configuration is read from --checkpoint (default width / 64)")
-    p.add_argument("-n", "--num-samples", type=int, default=16)
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="samples per batch (= per resumable slice)")
+    p.add_argument("-n", "--num-samples", type=int, default=16, help="samples to generate (default 16)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="samples per batch, and per resumable slice (default 8)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (published: 8)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (published: 2.5 at 256 px, 3.5 at 512 px)")
     p.add_argument("--mask-temp", type=float, default=None, help="masking temperature (published: 1.5)")
     p.add_argument("--samp-temp", type=float, default=None, help="sampling temperature (published: 6 at 256 px, 4 at 512 px)")
-    p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i)")
+    p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i) (default 0)")
     p.add_argument("--class", dest="klass", type=int, default=None, help="one class for every sample (default: sample i gets class i mod K)")
     p.add_argument("--backend", default="auto", choices=("auto",) + tuple(_backends.BACKENDS),
-                   help="enat_kernels backend of the fused path (auto: cpu on CPUs, triton/cuda on GPUs)")
+                   help="enat_kernels backend of the fused path (default auto: cpu on CPUs, triton/cuda on GPUs)")
     p.add_argument("--compare", action="store_true", help="also time the reference (torch) path on the same weights and seeds")
-    p.add_argument("--out", default="enat_samples", help="output folder")
+    p.add_argument("--out", default="enat_samples", help="output folder (default enat_samples)")
     p.add_argument("--resume", action="store_true", help="keep slices already saved in OUT/slices and compute only the rest")
     p.add_argument("--vq-checkpoint", default=None, help="MaskGIT VQGAN checkpoint (vqgan_jax_strongaug.ckpt) to decode images")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
