@@ -92,21 +92,26 @@ def last_level_cache_bytes(device: torch.device = DEVICE) -> int:
 
 
 def cuda_event_clock_for(device: torch.device) -> Callable[[], float]:
-    """A clock reading device time: seconds since an origin event, read after a sync.
+    """A clock reading device time, in seconds, from events on the current stream.
 
     pytest-benchmark calls the clock before and after each round; the difference is
-    the device time between two events on the current stream.  The sync inside each
-    reading makes the start event wait for earlier work (setup), so it is not counted.
+    the device time between two events.  Each reading records an event and waits for
+    it, so the start event waits for earlier work (setup), which is not counted.  The
+    reading accumulates event-to-event intervals in a Python float: CUDA reports
+    elapsed times as float32 milliseconds, precise for short intervals only.
     """
-    origin = torch.cuda.Event(enable_timing=True)
-    origin.record()
-    origin.synchronize()
+    last = torch.cuda.Event(enable_timing=True)
+    last.record()
+    last.synchronize()
+    state = {"event": last, "seconds": 0.0}
 
     def cuda_event_clock() -> float:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         ev.synchronize()
-        return origin.elapsed_time(ev) * 1e-3
+        state["seconds"] += state["event"].elapsed_time(ev) * 1e-3
+        state["event"] = ev
+        return state["seconds"]
 
     return cuda_event_clock
 

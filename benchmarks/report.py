@@ -37,6 +37,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 OURS, ANCHOR = "ours", "anchor"
+# Sections in this order (operations not listed follow, in the order they ran).
+OP_ORDER = ("sc_attention fwd", "sc_attention fwd+bwd", "routing:split", "routing:gather", "routing:restore", "routing:merge", "sampling")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -97,10 +99,17 @@ def load_rows(data: dict) -> list[Row]:
 
 
 def group_rows(rows: list[Row]) -> "OrderedDict[tuple[str, str], list[Row]]":
-    """Rows by (op, case), in the order the suite ran them; speedups filled in, fastest first."""
-    groups: OrderedDict = OrderedDict()
+    """Rows by (op, case), ops in OP_ORDER, cases as they ran; speedups filled in, fastest first."""
+    by_key: OrderedDict = OrderedDict()
     for r in rows:
-        groups.setdefault((r.op, r.case), []).append(r)
+        by_key.setdefault((r.op, r.case), []).append(r)
+
+    def op_rank(op: str) -> int:
+        return OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER)
+
+    keys = list(by_key)
+    order = sorted(range(len(keys)), key=lambda i: (op_rank(keys[i][0]), i))
+    groups: OrderedDict = OrderedDict((keys[i], by_key[keys[i]]) for i in order)
     for members in groups.values():
         anchors = [r for r in members if r.role == ANCHOR]
         best = min(anchors, key=lambda r: r.median) if anchors else None
@@ -265,6 +274,7 @@ def plot_speedups(data: dict, path: str) -> None:
             ys = [sp.get(p) or 0.0 for _, sp in cases]
             ax.bar(xs, ys, width, label=p)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xlim(-0.6, max(len(cases), 3) - 0.4)  # a lone shape keeps narrow bars
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([c.split(":")[0] for c, _ in cases], fontsize=8)
         ax.set_ylabel("speedup vs best anchor")
