@@ -1,5 +1,5 @@
 // Runs the SC-Attention kernel bodies (sc_attention_kernels.cuh) on the host through the
-// emulated primitives of emu_primitives.h: every block in turn, one std::thread per CUDA
+// emulated primitives of emu_primitives.h: every block in turn, one fiber per CUDA
 // thread.  A test tool, not part of the extension (setup.py compiles only the files
 // directly in csrc/cuda/); tests/test_cuda_sc_attention.py builds and drives it.
 //
@@ -19,7 +19,7 @@
 #include <map>
 #include <sstream>
 #include <string>
-#include <thread>
+#include <functional>
 
 #include "cuda/sc_attention_kernels.cuh"
 
@@ -88,33 +88,88 @@ RowStrides strides(const std::string& name) {
   return {spec_i("strides_" + name, 0), spec_i("strides_" + name, 1), spec_i("strides_" + name, 2)};
 }
 
-// Every block of a grid in turn, nthreads std::threads each.
+// The fiber running thread `tid` of the current block.
+struct Fiber {
+  ucontext_t start;  // entry context (first switch only)
+  jmp_buf jb;        // saved context while suspended
+  bool started = false, done = false;
+  std::unique_ptr<char[]> stack;
+  emu::Thread thread;
+};
+std::function<void(int)> g_body;  // the current grid's block body, called with tid
+Fiber* g_fibers = nullptr;
+int g_running = 0;
+
+void fiber_entry() {
+  Fiber& F = g_fibers[g_running];
+  g_body(F.thread.tid);
+  if (!F.thread.open.empty()) emu::fail("cp.async issued but never committed");
+  for (const auto& g : F.thread.groups)
+    if (!g.empty()) emu::fail("exits with a cp.async group never waited for");
+  F.done = true;
+  _longjmp(emu::g_sched.main, 1);  // never returns
+}
+
+// Run fiber `tid` until it waits at a barrier or ends.
+void resume(Fiber* fibers, int tid) {
+  Fiber& F = fibers[tid];
+  g_running = tid;
+  emu::tls = &F.thread;
+  emu::g_sched.current = &F.jb;
+  if (_setjmp(emu::g_sched.main) == 0) {
+    if (!F.started) {
+      F.started = true;
+      setcontext(&F.start);
+    }
+    _longjmp(F.jb, 1);
+  }
+  emu::tls = nullptr;
+}
+
+// Every block of a grid in turn; each CUDA thread a fiber, scheduled round robin.
 template <class Body, class Params>
 void run_grid(Body body, const Params& p, int64_t blocks, int nthreads, size_t smem_bytes) {
+  constexpr size_t kStack = 256 * 1024;
   for (int64_t id = 0; id < blocks; ++id) {
     emu::Block B;
     B.id = id;
     B.nthreads = nthreads;
-    B.bar = std::make_unique<std::barrier<>>(nthreads);
+    B.bar.expected = nthreads;
     B.warps = std::make_unique<emu::Warp[]>(nthreads / 32);
     B.smem = alloc(smem_bytes);
     B.smem_bytes = smem_bytes;
     std::memset(B.smem, 0xFF, smem_bytes);  // uninitialized shared memory reads as NaN
     B.shadow.assign(smem_bytes / 4, emu::Shadow{});
-    std::vector<std::thread> threads;
-    threads.reserve(nthreads);
+    std::vector<Fiber> fibers(nthreads);
+    g_fibers = fibers.data();
+    g_body = [&](int tid) { body(p, B.smem, id, tid); };
     for (int tid = 0; tid < nthreads; ++tid) {
-      threads.emplace_back([&, tid] {
-        emu::Thread T{&B, &B.warps[tid / 32], tid, tid % 32};
-        emu::tls = &T;
-        body(p, B.smem, id, tid);
-        if (!T.open.empty()) emu::fail("cp.async issued but never committed");
-        for (const auto& g : T.groups)
-          if (!g.empty()) emu::fail("exits with a cp.async group never waited for");
-        emu::tls = nullptr;
-      });
+      Fiber& F = fibers[tid];
+      F.thread.blk = &B;
+      F.thread.warp = &B.warps[tid / 32];
+      F.thread.tid = tid;
+      F.thread.lane = tid % 32;
+      F.stack = std::make_unique_for_overwrite<char[]>(kStack);
+      getcontext(&F.start);
+      F.start.uc_stack.ss_sp = F.stack.get();
+      F.start.uc_stack.ss_size = kStack;
+      F.start.uc_link = nullptr;  // fiber_entry never returns
+      makecontext(&F.start, fiber_entry, 0);
     }
-    for (auto& t : threads) t.join();
+    for (int live = nthreads; live > 0;) {
+      const uint64_t releases = emu::g_sched.releases;
+      live = 0;
+      for (int tid = 0; tid < nthreads; ++tid) {
+        Fiber& F = fibers[tid];
+        if (F.done) continue;
+        resume(fibers.data(), tid);
+        live += !F.done;
+      }
+      // A full round in which no barrier completed while threads still wait: deadlock.
+      if (live > 0 && emu::g_sched.releases == releases)
+        emu::fail("block %lld: deadlock, %d threads wait at a barrier or warp collective that not all reach",
+                  static_cast<long long>(id), live);
+    }
     std::free(B.smem);
   }
 }

@@ -2,21 +2,25 @@
 // SC-Attention kernel bodies without a GPU (included there when ENAT_SC_ATTN_EMULATE is
 // defined; built by tests/test_cuda_sc_attention.py with a plain C++ compiler).
 //
-// Every CUDA thread of a block is a std::thread.  Each instruction is implemented from
-// its description in the PTX ISA, independently of how the kernels use it:
+// Every CUDA thread of a block is a cooperative fiber (ucontext) of one OS thread; a
+// fiber runs until it waits at a barrier, so execution is deterministic.  Each
+// instruction is implemented from its description in the PTX ISA, independently of how
+// the kernels use it:
 // - mma.sync m16n8k16: the warp's 32 lanes deposit their fragments, every lane rebuilds
 //   A (16x16), B (16x8) from the documented fragment layout and computes its C entries;
 // - ldmatrix (.trans): lanes deposit row addresses; each lane gathers its elements;
 // - cp.async: queued per thread, the bytes land when cp.async.wait_group retires the group;
-// - shuffles and barriers: std::barrier.
+// - shuffles, __syncthreads: barriers over the warp / the block.
 // It also checks what the hardware would not report: shared-memory accesses out of the
 // block's allocation or misaligned, reads of shared memory never written, reads of
 // cp.async data not yet waited for, read/write races between threads without a barrier
-// in between, global accesses outside the registered tensors, and (by deadlocking, which
-// the test's timeout turns into a failure) barriers or warp collectives that not all
-// threads reach.  Any violation prints a message and exits the process with status 3.
+// in between, global accesses outside the registered tensors, and barriers or warp
+// collectives that not all threads reach (a deadlock).  Any violation prints a message
+// and exits the process with status 3.
 #pragma once
-#include <barrier>
+#include <setjmp.h>
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -24,7 +28,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 #define SCA_DEVICE inline
@@ -38,8 +41,37 @@ namespace emu {
 
 [[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 
+// Cooperative scheduling: fibers yield to the scheduler only while waiting at a barrier.
+// makecontext creates a fiber's stack; switches use _setjmp/_longjmp, which (unlike
+// swapcontext) do not save the signal mask with a system call.
+struct Scheduler {
+  jmp_buf main;
+  jmp_buf* current = nullptr;  // the running fiber's saved context
+  uint64_t releases = 0;       // barriers completed so far (progress, for deadlock detection)
+};
+inline Scheduler g_sched;
+
+inline void yield_to_scheduler() {
+  if (_setjmp(*g_sched.current) == 0) _longjmp(g_sched.main, 1);
+}
+
+struct Barrier {
+  int expected = 0, arrived = 0;
+  uint64_t generation = 0;
+  void arrive_and_wait() {
+    const uint64_t g = generation;
+    if (++arrived == expected) {
+      arrived = 0;
+      ++generation;
+      ++g_sched.releases;
+      return;
+    }
+    while (generation == g) yield_to_scheduler();
+  }
+};
+
 struct Warp {
-  std::barrier<> bar{32};
+  Barrier bar{32};
   const uint16_t* ptr[32];
   uint32_t a[32][4], b[32][2];
   float f[32];
@@ -56,11 +88,10 @@ struct Shadow {
 struct Block {
   int64_t id = 0;
   int nthreads = 0;
-  std::unique_ptr<std::barrier<>> bar;
+  Barrier bar;
   std::unique_ptr<Warp[]> warps;
   char* smem = nullptr;
   size_t smem_bytes = 0;
-  std::mutex mu;
   std::vector<Shadow> shadow;
 };
 
@@ -125,7 +156,6 @@ inline size_t smem_word(const void* p, size_t bytes, size_t align, const char* w
 inline void on_read(const void* p, size_t bytes, size_t align, const char* what) {
   Thread& T = *tls;
   const size_t w0 = smem_word(p, bytes, align, what);
-  std::lock_guard<std::mutex> lock(T.blk->mu);
   for (size_t w = w0; w < w0 + (bytes + 3) / 4; ++w) {
     Shadow& s = T.blk->shadow[w];
     if (!s.written) fail("%s: reads shared word %zu that was never written", what, w);
@@ -145,7 +175,6 @@ inline void on_read(const void* p, size_t bytes, size_t align, const char* what)
 inline void on_write(const void* p, size_t bytes, size_t align, bool pending, const char* what) {
   Thread& T = *tls;
   const size_t w0 = smem_word(p, bytes, align, what);
-  std::lock_guard<std::mutex> lock(T.blk->mu);
   for (size_t w = w0; w < w0 + bytes / 4; ++w) {
     Shadow& s = T.blk->shadow[w];
     if (s.r_epoch == T.epoch && (s.r_multi || s.r_tid != T.tid))
@@ -324,8 +353,7 @@ inline void cp_async_wait() {
         std::memcpy(c.dst, c.src, 16);
       else
         std::memset(c.dst, 0, 16);
-      std::lock_guard<std::mutex> lock(T.blk->mu);
-      const size_t w0 = emu::smem_word(c.dst, 16, 16, "cp.async landing");
+          const size_t w0 = emu::smem_word(c.dst, 16, 16, "cp.async landing");
       for (size_t w = w0; w < w0 + 4; ++w) T.blk->shadow[w].w_hi = T.epoch;  // landed in this epoch
     }
     T.groups.erase(T.groups.begin());
@@ -333,7 +361,7 @@ inline void cp_async_wait() {
 }
 
 inline void block_sync() {
-  emu::tls->blk->bar->arrive_and_wait();
+  emu::tls->blk->bar.arrive_and_wait();
   ++emu::tls->epoch;
 }
 
