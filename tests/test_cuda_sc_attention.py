@@ -174,6 +174,7 @@ EMU_EXTRA_CASES = [
     AttnCase("multi_tile_d64", B=1, N=150, Nc=200, H=1, D=64, cond_lens=(190,), self_lens=(141,)),
     AttnCase("multi_tile_d128", B=1, N=100, Nc=130, H=1, D=128, cond_lens=(129,), self_lens=(97,)),
     AttnCase("multi_tile_d32", B=2, N=140, Nc=70, H=1, D=32, cond_lens=(70, 3), self_lens=(140, 66)),
+    AttnCase("negative_scale", B=1, N=40, Nc=21, H=2, D=64, scale=-0.2),
 ]
 
 

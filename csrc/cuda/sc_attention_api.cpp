@@ -97,6 +97,10 @@ Form check_inputs(const char* op, const at::Tensor& q, const at::Tensor& kc, con
   }
   TORCH_CHECK(f.B <= INT_MAX && f.H <= INT_MAX && f.N <= INT_MAX && f.Nc <= INT_MAX, op,
               ": batch, heads and sequence lengths must fit in int32");
+  int major = 0;  // a host-side attribute query: no synchronization, allowed during capture
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  TORCH_CHECK(major >= 8, op, ": the cuda backend needs compute capability 8.0 or newer (mma.sync m16n8k16, ",
+              "cp.async); ", q.device(), " has ", major, ".x");
   return f;
 }
 

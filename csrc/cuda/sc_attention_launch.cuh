@@ -30,8 +30,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkv_kernel(const ScAttnBwdP
 // One launch of a one-dimensional grid; nothing for an empty grid.  Dynamic shared
 // memory above the default 48 KiB needs the per-kernel opt-in (not a stream operation,
 // allowed during graph capture).
+// 99 KiB is the per-block opt-in limit of sm_86 / sm_89, which run the sm_80 binary.
 template <class Cfg, class Params>
 cudaError_t launch(void (*kernel)(const Params), int64_t blocks, const Params& p, cudaStream_t stream) {
+  static_assert(Cfg::kSmemBytes <= 99 * 1024, "shared memory beyond the sm_86/sm_89 limit");
   if (blocks == 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
   if (Cfg::kSmemBytes > 48 * 1024) {
