@@ -395,6 +395,26 @@ def test_gpu_misaligned_view_is_copied(gen):
 
 
 @gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_gpu_opcheck(packed, gen):
+    """Schema, fake (meta) implementation and autograd registration agree with the CUDA kernels."""
+    _skip_unless_cuda_backend()
+    dtype, op = torch.float16, torch.ops.enat_kernels
+    if packed:
+        q, kc, vc, ks, vs, cu_q, cu_c, mq, mc = make_varlen_inputs((7, 20), (5, 0), 2, 64, dtype, "cuda", gen)
+        extra = (None, None, cu_q, cu_c, mq, mc, 0.125)
+    else:
+        case = next(c for c in CASES if c.id == "ragged")
+        (q, kc, vc, ks, vs), cl, sl = _cuda_inputs(case, dtype, gen)
+        extra = (cl, sl, None, None, q.shape[1], kc.shape[1], 0.125)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, kc, vc, ks, vs)]
+    torch.library.opcheck(op.sc_attn_fwd.default, (*leaves, *extra))
+    out, lse = op.sc_attn_fwd(q, kc, vc, ks, vs, *extra)
+    dout = torch.randn(q.shape, generator=gen).to("cuda", dtype)
+    torch.library.opcheck(op.sc_attn_bwd.default, (dout, torch.randn_like(lse), q, kc, vc, ks, vs, out, lse, *extra))
+
+
+@gpu
 def test_gpu_op_rejects_unsupported_inputs():
     _skip_unless_cuda_backend()
     op = torch.ops.enat_kernels
