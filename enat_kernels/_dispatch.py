@@ -47,7 +47,7 @@ class AttentionCaps:
 
 ATTENTION_CAPS = {
     "triton": AttentionCaps((torch.float16, torch.bfloat16, torch.float32), (16, 32, 64, 128)),
-    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),
+    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),  # sm_80+, csrc/cuda/sc_attention.h
     "cpu": AttentionCaps((torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
     "torch": AttentionCaps((torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 1 << 30),
 }
@@ -93,6 +93,8 @@ def _op_error(name: str, op: str, device_type: str) -> str | None:
 
         return None if _triton.has_op(op) else f"the triton backend has no {op} kernel"
     key = "CPU" if name == "cpu" else "CUDA"
+    if name == "cuda" and not torch.cuda.is_available():  # built, but nothing to run it on
+        return "no CUDA device is visible"
     if not _extension.has_kernel(op, key):
         return f"the {name} backend has no {op} kernel in this build"
     return None
@@ -133,7 +135,8 @@ def _cuda_attention_order(dtype: torch.dtype, head_dim: int, n_q: int, n_cond: i
     """Preference between the two GPU backends for one SC-Attention shape.
 
     Until the CUDA C++ kernel has been measured against the Triton kernel on a GPU
-    (benchmarks/results/), Triton goes first.
+    (benchmarks/results/), Triton goes first.  The measured per-shape rule (and the
+    CUDA kernel's tiling it depends on) goes in csrc/cuda/NOTES.md, "Backend order".
     """
     return ("triton", "cuda")
 
