@@ -107,7 +107,7 @@ def forward_launch(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_s
                    max_seqlen_q, max_seqlen_cond, scale, out, lse):
     """(grid, kwargs) of the forward kernel; grid[0] == 0 when there is no query row."""
     varlen = q.dim() == 3
-    cfg = forward_config(q.shape[-1], q.dtype)
+    cfg = forward_config(q.device, q.shape[-1], q.dtype)
     geo, args = _common(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond,
                         max_seqlen_q, max_seqlen_cond, scale, varlen)
     args.update(
@@ -123,21 +123,20 @@ def backward_launches(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, c
                       cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale, delta, grads):
     """((grid, kwargs) of the delta, dK/dV and dQ kernels); a grid of 0 means skip."""
     varlen = q.dim() == 3
-    cfg = backward_config(q.shape[-1], q.dtype)
+    cfg = backward_config(q.device, q.shape[-1], q.dtype)
     dq, dk_cond, dv_cond, dk_self, dv_self = grads
     geo, common = _common(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond,
                           max_seqlen_q, max_seqlen_cond, scale, varlen)
     common.update(
         DOUT=dout, LSE=lse, DELTA=delta, **_strides("do", dout, varlen), **_lse_strides(lse, varlen),
-        sm_scale=scale, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=cfg.dot_precision,
-        num_stages=cfg.num_stages,
+        sm_scale=scale, DOT_PRECISION=cfg.dot_precision, num_stages=cfg.num_stages,
     )
     rows = geo["H"] * geo["B"]
     pre = {
         "OUT": out, "DOUT": dout, "DLSE": dlse, "DELTA": delta, "SELF_LENS": self_lens, "CU_Q": cu_seqlens_q,
         **_strides("o", out, varlen), **_strides("do", dout, varlen), **_lse_strides(lse, varlen),
         "H": geo["H"], "seqlen_q": geo["seqlen_q"], "total_q": geo["total_q"],
-        "HEAD_DIM": q.shape[-1], "BLOCK_M": cfg.block_m,
+        "HEAD_DIM": q.shape[-1], "BLOCK_M": cfg.dq_block_m,
         "VARLEN": varlen, "HAS_SELF_LENS": self_lens is not None, "HAS_DLSE": dlse is not None,
         "num_warps": 4,
     }
@@ -145,11 +144,14 @@ def backward_launches(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, c
         **common, "DKC": dk_cond, "DVC": dv_cond, "DKS": dk_self, "DVS": dv_self,
         **_strides("dkc", dk_cond, varlen), **_strides("dvc", dv_cond, varlen),
         **_strides("dks", dk_self, varlen), **_strides("dvs", dv_self, varlen),
-        "num_warps": cfg.dkdv_warps,
+        "BLOCK_M": cfg.dkdv_block_m, "BLOCK_N": cfg.dkdv_block_n, "num_warps": cfg.dkdv_warps,
     }
-    dqa = {**common, "DQ": dq, **_strides("dq", dq, varlen), "num_warps": cfg.dq_warps}
-    q_blocks = triton.cdiv(geo["seqlen_q"], cfg.block_m)
-    key_blocks = triton.cdiv(geo["seqlen_c"], cfg.block_n) + triton.cdiv(geo["seqlen_q"], cfg.block_n)
+    dqa = {
+        **common, "DQ": dq, **_strides("dq", dq, varlen),
+        "BLOCK_M": cfg.dq_block_m, "BLOCK_N": cfg.dq_block_n, "num_warps": cfg.dq_warps,
+    }
+    q_blocks = triton.cdiv(geo["seqlen_q"], cfg.dq_block_m)
+    key_blocks = triton.cdiv(geo["seqlen_c"], cfg.dkdv_block_n) + triton.cdiv(geo["seqlen_q"], cfg.dkdv_block_n)
     return ((q_blocks * rows,), pre), ((key_blocks * rows,), dkdv), ((q_blocks * rows,), dqa)
 
 
@@ -158,7 +160,7 @@ def backward_launches(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, c
 
 def _check_supported(q: torch.Tensor) -> None:
     # Metadata only (no sync): a clear error instead of a kernel compiled for a dtype it cannot handle.
-    forward_config(q.shape[-1], q.dtype)
+    forward_config(q.device, q.shape[-1], q.dtype)
 
 
 @triton_op("enat_kernels::triton_sc_attn_fwd", mutates_args=(), schema=FWD_SCHEMA)

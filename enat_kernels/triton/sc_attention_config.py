@@ -1,25 +1,34 @@
 """Launch configuration of the SC-Attention Triton kernels: block sizes, warps, stages.
 
-Chosen from a small table keyed by (head_dim, dtype) only.  Sequence lengths are
-deliberately NOT part of the key: ENAT's lengths change at every sampling step
-(the encoder sees ~5-50 newly revealed tokens against 0-250 cached ones, the decoder
-the reverse), and a configuration that followed them would recompile the kernels
-between steps, and under ``torch.compile`` would guard on the lengths.
+Chosen from a small table keyed by (GPU family, head_dim, dtype) only.  Sequence
+lengths are deliberately NOT part of the key: ENAT's lengths change at every
+sampling step (the encoder sees ~5-50 newly revealed tokens against 0-250 cached
+ones, the decoder the reverse), and a configuration that followed them would
+recompile the kernels between steps, and under ``torch.compile`` would guard on the
+lengths.
 
-Why these sizes (they have not been measured on a GPU yet, see benchmarks/):
+Why these sizes.  They have not been timed on a GPU yet (none was available); they
+were checked by compiling every entry ahead of time for sm_90 and sm_80 and reading
+ptxas's report: no register spills for 16-bit inputs (except sm_80 head_dim 128
+backward, a few hundred bytes), wgmma on Hopper, 16-byte vector loads.
 
 - ENAT's attention is short and memory-bound: at Nq = 128, Nc = 128, D = 64 one
   (row, head) does ~90 FLOP per byte of Q/K/V/O, below an H100's ridge (~300), and
   the encoder with reuse has only ~32 queries per row.  BLOCK_M = 64 wastes half as
   much of the tile on missing queries as 128 would; a second query block of the
   same (row, head) is the next program, so its K/V re-reads mostly hit L2.
-- BLOCK_N = 64 keys per step, fp32 accumulation, fp16/bf16 operands for tl.dot.
+  BLOCK_N = 64 keys per step, fp32 accumulation, fp16/bf16 operands for tl.dot.
+- Backward: 64 keys per dK/dV program with query steps of 32 (and 64 queries per dQ
+  program with key steps of 32): the larger 64 x 64 steps spill on sm_80 and need
+  ~60 % more registers on sm_90 for the same tiles.
+- Families: "hopper" (compute capability 9.x/10.x: H100/H200/B200, >= 228 KB shared
+  memory per SM) may use up to 130 KB of shared memory per program; "ampere" (every
+  other GPU: A100, consumer cards with ~100 KB) stays under 64 KB and uses 8 warps
+  where 4 would spill on mma.sync.  The interpreter uses the "hopper" table.
 - float32 inputs use IEEE fp32 dots (``input_precision="ieee"``), not TF32: the
   accuracy rule compares with PyTorch's float32 matmul, which does not use TF32 by
-  default.  Tiles are smaller (32) because fp32 tiles take twice the shared memory.
-- The backward keeps K/V (and their fp32 gradients) resident per program; at
-  head_dim 128 that is 2 x 64 x 128 fp32 accumulators, hence 8 warps for dK/dV and
-  query steps of 32.
+  default.  These are FMA dots without tensor cores and spill registers in the
+  backward: float32 is for exactness, float16/bfloat16 for speed.
 
 Specialization rule (what keeps one compiled variant per configuration):
 
@@ -31,9 +40,10 @@ lengths is listed in ``NO_SPECIALIZE`` (applied with ``triton.jit(do_not_special
 purpose: divisibility by 16 is what lets the compiler emit 16-byte vector loads, and
 it does not depend on the lengths: head_dim is a multiple of 16, so a head stride,
 token stride (H*D, or a multiple of it for a fused projection view) and batch stride
-(N*H*D) keep the same divisibility whatever N is.  tests/test_triton_sc_attention.py
-computes Triton's own specialization key of real launches at different lengths and
-checks it does not change.
+(N*H*D) keep the same divisibility whatever N is.  The remaining variants come from
+the API, not from lengths: dense or packed, with or without cond_lens / self_lens /
+dlse.  tests/test_triton_sc_attention.py computes Triton's own specialization key of
+real launches at different lengths and checks it does not change.
 """
 
 from __future__ import annotations
@@ -57,9 +67,11 @@ class ForwardConfig:
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    block_m: int  # queries per dQ program and per dK/dV inner step (and per delta program)
-    block_n: int  # keys per dK/dV program and per dQ inner step
+    dkdv_block_n: int  # keys per dK/dV program
+    dkdv_block_m: int  # queries per dK/dV inner-loop step
     dkdv_warps: int
+    dq_block_m: int  # queries per dQ program (and per delta program)
+    dq_block_n: int  # keys per dQ inner-loop step
     dq_warps: int
     num_stages: int
     dot_precision: str
@@ -69,33 +81,53 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit dots
 
 
-# (head_dim, fp32?) -> (block_m, block_n, num_warps, num_stages)
+_16, _32 = False, True  # the "fp32?" part of a key
+
+# (family, head_dim, fp32?) -> (block_m, block_n, num_warps, num_stages)
 _FORWARD = {
-    (16, False): (64, 64, 4, 3),
-    (32, False): (64, 64, 4, 3),
-    (64, False): (64, 64, 4, 3),
-    (128, False): (64, 64, 4, 3),
-    (16, True): (32, 32, 4, 2),
-    (32, True): (32, 32, 4, 2),
-    (64, True): (32, 32, 4, 2),
-    (128, True): (32, 32, 4, 2),
+    ("hopper", 16, _16): (64, 64, 4, 3),
+    ("hopper", 32, _16): (64, 64, 4, 3),
+    ("hopper", 64, _16): (64, 64, 4, 3),
+    ("hopper", 128, _16): (64, 64, 4, 3),
+    ("ampere", 16, _16): (64, 64, 4, 3),
+    ("ampere", 32, _16): (64, 64, 4, 3),
+    ("ampere", 64, _16): (64, 64, 4, 3),
+    ("ampere", 128, _16): (64, 32, 8, 2),
 }
-
-# (head_dim, fp32?) -> (block_m, block_n, dkdv_warps, dq_warps, num_stages)
+# (family, head_dim, fp32?) -> (dkdv_block_n, dkdv_block_m, dkdv_warps, dq_block_m, dq_block_n, dq_warps, num_stages)
 _BACKWARD = {
-    (16, False): (64, 64, 4, 4, 2),
-    (32, False): (64, 64, 4, 4, 2),
-    (64, False): (64, 64, 4, 4, 2),
-    (128, False): (32, 64, 8, 4, 2),
-    (16, True): (32, 32, 4, 4, 1),
-    (32, True): (32, 32, 4, 4, 1),
-    (64, True): (32, 32, 4, 4, 1),
-    (128, True): (32, 32, 8, 4, 1),
+    ("hopper", 16, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("hopper", 32, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("hopper", 64, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("hopper", 128, _16): (64, 32, 8, 64, 32, 8, 2),
+    ("ampere", 16, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("ampere", 32, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("ampere", 64, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("ampere", 128, _16): (32, 32, 4, 32, 32, 4, 2),
 }
+for _fam in ("hopper", "ampere"):
+    for _d in (16, 32, 64, 128):
+        _warps = 4 if _d <= 32 else 8
+        _FORWARD[(_fam, _d, _32)] = (32, 32, _warps, 2)
+        _BACKWARD[(_fam, _d, _32)] = (32, 32, _warps, 32, 32, _warps, 1)
+
+_FAMILIES: dict = {}
 
 
-def _key(head_dim: int, dtype: torch.dtype):
-    key = (int(head_dim), dtype == torch.float32)
+def gpu_family(device: torch.device) -> str:
+    """Which table applies to a device ("hopper" for the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return "hopper"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    family = _FAMILIES.get(index)
+    if family is None:
+        major = torch.cuda.get_device_capability(index)[0]
+        family = _FAMILIES[index] = "hopper" if major in (9, 10) else "ampere"
+    return family
+
+
+def _key(device: torch.device, head_dim: int, dtype: torch.dtype):
+    key = (gpu_family(device), int(head_dim), dtype == torch.float32)
     if key not in _FORWARD or dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(
             f"the triton SC-Attention kernels support head_dim in (16, 32, 64, 128) and "
@@ -104,11 +136,11 @@ def _key(head_dim: int, dtype: torch.dtype):
     return key
 
 
-def forward_config(head_dim: int, dtype: torch.dtype) -> ForwardConfig:
-    """The forward kernel's configuration; depends on head_dim and dtype only."""
-    return ForwardConfig(*_FORWARD[_key(head_dim, dtype)], _precision(dtype))
+def forward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> ForwardConfig:
+    """The forward kernel's configuration; never depends on sequence lengths."""
+    return ForwardConfig(*_FORWARD[_key(device, head_dim, dtype)], _precision(dtype))
 
 
-def backward_config(head_dim: int, dtype: torch.dtype) -> BackwardConfig:
-    """The backward kernels' configuration; depends on head_dim and dtype only."""
-    return BackwardConfig(*_BACKWARD[_key(head_dim, dtype)], _precision(dtype))
+def backward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+    """The backward kernels' configuration; never depends on sequence lengths."""
+    return BackwardConfig(*_BACKWARD[_key(device, head_dim, dtype)], _precision(dtype))
