@@ -1,0 +1,370 @@
+"""What is specific to the Triton SC-Attention kernels (the math of every backend is
+tested by test_sc_attention.py, ``-k triton``).
+
+- one compiled variant whatever the lengths: Triton's own specialization key of real
+  launches is compared across lengths (on a GPU, also the JIT cache itself);
+- shapes spanning several blocks in both loops, rows ending on block boundaries;
+- the op schemas equal csrc/schema.cpp's; opcheck; torch.compile(fullgraph=True);
+- nothing is launched for an empty grid; out-of-range lengths are clamped.
+
+Without a GPU the kernels run under the Triton interpreter (float32/float16 only).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+import enat_kernels as ek
+from enat_kernels import _dispatch, _ops
+from enat_kernels.reference import sc_attention_ref
+
+from attention_cases import AttnCase, make_inputs
+from conftest import HAS_CUDA
+from test_sc_attention import _compare, _forward_backward
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+_ERR = _dispatch.attention_error("triton", DEVICE, torch.float32, 64)
+pytestmark = pytest.mark.skipif(_ERR is not None, reason=f"triton backend unavailable: {_ERR}")
+if _ERR is None:
+    from enat_kernels.triton import sc_attention as sa
+    from enat_kernels.triton import sc_attention_config as config
+    from enat_kernels.triton import sc_attention_kernels as kernels
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- specialization
+
+
+def _binder(kernel):
+    """Triton's argument binder for `kernel` as the CUDA backend builds it (no GPU needed):
+    it returns the specialization key that selects the compiled variant."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    # The kernel's own do_not_specialize (JITFunction, or the interpreter's wrapper).
+    dns = getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize")
+    jit = JITFunction(kernel.fn, do_not_specialize=dns)
+    return create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+def _keys(launches):
+    """[(kernel name, specialization key, launch options)] of a list of (kernel, (grid, kwargs))."""
+    out = []
+    for kernel, (_grid, kwargs) in launches:
+        args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        _, spec, _ = _binder(kernel)(**args)
+        out.append((kernel.fn.__name__, spec, kwargs.get("num_warps"), kwargs.get("num_stages")))
+    return out
+
+
+def _dense_launches(N, Nc, lens, dtype, B=3, H=16, D=64):
+    """Forward and backward launches for ENAT-like inputs: views of fused projections."""
+    qkv = torch.empty(B, N, 3, H, D, dtype=dtype)
+    kv_c = torch.empty(B, Nc, 2, H, D, dtype=dtype)
+    q, k_self, v_self = qkv.unbind(2)
+    k_cond, v_cond = kv_c.unbind(2)
+    cl = torch.full((B,), Nc, dtype=torch.int32) if lens else None
+    sl = torch.full((B,), N, dtype=torch.int32) if lens else None
+    return _launches((q, k_cond, v_cond, k_self, v_self, cl, sl, None, None, N, Nc, D**-0.5))
+
+
+def _varlen_launches(q_lens, c_lens, dtype, H=16, D=64):
+    Tq, Tc = sum(q_lens), sum(c_lens)
+    qkv = torch.empty(Tq, 3, H, D, dtype=dtype)
+    kv_c = torch.empty(Tc, 2, H, D, dtype=dtype)
+    q, k_self, v_self = qkv.unbind(1)
+    k_cond, v_cond = kv_c.unbind(1)
+
+    def cu(lens):
+        return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+    return _launches((q, k_cond, v_cond, k_self, v_self, None, None, cu(q_lens), cu(c_lens), max(q_lens), max(c_lens), 0.3))
+
+
+def _launches(args):
+    q = args[0]
+    out = torch.empty(q.shape, dtype=q.dtype)
+    _, lse_shape, _ = _ops.sc_attn_fwd_shapes(q)
+    lse = torch.empty(lse_shape)
+    grads = [torch.empty(t.shape, dtype=t.dtype) for t in args[:5]]
+    bwd = sa.backward_launches(out, lse, *args[:5], out, lse, *args[5:], torch.empty(lse_shape), grads)
+    kinds = (kernels.sc_attn_bwd_preprocess_kernel, kernels.sc_attn_bwd_dkdv_kernel, kernels.sc_attn_bwd_dq_kernel)
+    return [(kernels.sc_attn_fwd_kernel, sa.forward_launch(*args, out, lse))] + list(zip(kinds, bwd))
+
+
+@pytest.mark.parametrize("lens", [False, True], ids=["no_lens", "lens"])
+def test_dense_specialization_does_not_follow_lengths(lens):
+    """Every (N, Nc) an ENAT sampler meets selects the same compiled kernels: lengths
+    equal to 1 or divisible by 16, and the strides of lse that follow N, are not specialized."""
+    shapes = [(128, 128), (32, 224), (1, 1), (17, 0), (250, 6), (1024, 0)]
+    first = _keys(_dense_launches(*shapes[0], lens, torch.float16))
+    assert len(first) == 4
+    for N, Nc in shapes[1:]:
+        assert _keys(_dense_launches(N, Nc, lens, torch.float16)) == first, f"N={N}, Nc={Nc} changes the kernel variant"
+
+
+def test_varlen_specialization_does_not_follow_lengths():
+    first = _keys(_varlen_launches((16, 7, 30), (20, 0, 9), torch.float16))
+    for q_lens, c_lens in [((1,), (1,)), ((64, 64), (128, 0)), ((5, 0, 33, 2), (0, 0, 0, 1))]:
+        assert _keys(_varlen_launches(q_lens, c_lens, torch.float16)) == first, f"{q_lens}, {c_lens}"
+
+
+def test_specialization_keys_see_what_matters():
+    """Guard against a vacuous comparison: the key does change with dtype and head_dim."""
+    base = _keys(_dense_launches(32, 32, False, torch.float16))
+    assert _keys(_dense_launches(32, 32, False, torch.bfloat16)) != base
+    assert _keys(_dense_launches(32, 32, False, torch.float16, D=32)) != base
+
+
+def test_config_table_covers_capabilities():
+    """Each (head_dim, dtype) the dispatcher allows has a configuration on every GPU family,
+    with tiles tl.dot accepts (>= 16) and no dependence on anything but family/head_dim/dtype."""
+    caps = _dispatch.ATTENTION_CAPS["triton"]
+    for family in ("hopper", "ampere"):
+        for d in caps.head_dims:
+            for dt in caps.dtypes:
+                key = (family, d, dt == torch.float32)
+                fwd, bwd = config._FORWARD[key], config._BACKWARD[key]
+                assert all(x >= 16 for x in fwd[:2]) and all(x >= 16 for x in (bwd[0], bwd[1], bwd[3], bwd[4])), key
+    cpu = torch.device("cpu")
+    assert config.forward_config(cpu, 64, torch.float16).dot_precision == "tf32"  # 16-bit dots: ignored
+    assert config.forward_config(cpu, 64, torch.float32).dot_precision == "ieee"  # exact fp32, like PyTorch
+    with pytest.raises(ValueError, match="head_dim"):
+        config.forward_config(cpu, 48, torch.float16)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="counts compiled GPU kernels (needs a GPU)")
+def test_no_recompilation_between_lengths(gen):
+    """On a GPU: after one call, calls at other lengths add nothing to the JIT caches."""
+    dev = torch.cuda.current_device()
+    jit = [kernels.sc_attn_fwd_kernel, kernels.sc_attn_bwd_preprocess_kernel,
+           kernels.sc_attn_bwd_dkdv_kernel, kernels.sc_attn_bwd_dq_kernel]
+
+    def run(N, Nc):
+        case = AttnCase("len", B=2, N=N, Nc=Nc, H=4, D=64)
+        q, kc, vc, ks, vs, cl, sl = make_inputs(case, torch.bfloat16, DEVICE, gen)
+        leaves = [t.requires_grad_() for t in (q, kc, vc, ks, vs)]
+        out = ek.sc_attention(*leaves, backend="triton")
+        out.sum().backward()
+        torch.cuda.synchronize()
+        return [len(k.device_caches[dev][0]) for k in jit]
+
+    warm = run(96, 160)
+    for N, Nc in [(32, 224), (17, 1), (128, 0)]:
+        assert run(N, Nc) == warm, f"N={N}, Nc={Nc} compiled a new variant"
+
+
+# ----------------------------------------------------------------------------- several blocks
+
+
+MULTI_BLOCK = [
+    # Both loops span several key blocks; rows end on a block boundary (64, 128), inside
+    # one, or are empty; the backward's key programs and query steps see tails too.
+    AttnCase("multi_block", B=3, N=130, Nc=192, cond_lens=(192, 64, 0), self_lens=(130, 64, 1)),
+    AttnCase("multi_block_d16", B=2, N=100, Nc=70, H=3, D=16, cond_lens=(70, 33), self_lens=(96, 100), views=True),
+]
+
+
+@pytest.mark.parametrize("case", MULTI_BLOCK, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_several_blocks_both_loops(case, dtype, gen, poison):
+    q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, DEVICE, gen)
+    B, N, H, _ = q.shape
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE, dtype)
+    dlse = torch.randn(B, H, N, generator=gen).to(DEVICE)
+
+    def fused(*x):
+        return ek.sc_attention(*x, cond_lens=cl, self_lens=sl, return_lse=True, backend="triton")
+
+    def ref(*x):
+        return sc_attention_ref(*x, cond_lens=cl, self_lens=sl)
+
+    inputs = (q, kc, vc, ks, vs)
+    got = _forward_backward(fused, inputs, dout, dlse)
+    lowp = _forward_backward(ref, inputs, dout, dlse)
+    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double())
+    _compare(got, lowp, oracle, dtype)
+
+
+def test_out_of_range_lengths_are_clamped(gen, poison):
+    """With value checks off, lengths beyond [0, N] / [0, Nc] act as their clamped values
+    (the kernel never reads past a row's own segment)."""
+    case = AttnCase("clamp", B=2, N=40, Nc=24, D=32)
+    q, kc, vc, ks, vs, _, _ = make_inputs(case, torch.float32, DEVICE, gen)
+    dev = q.device
+    bad_cl, bad_sl = torch.tensor([100, -3], dtype=torch.int32, device=dev), torch.tensor([47, 9], dtype=torch.int32, device=dev)
+    cl, sl = torch.tensor([24, 0], dtype=torch.int32, device=dev), torch.tensor([40, 9], dtype=torch.int32, device=dev)
+    with ek.value_checks(False):
+        out_bad, lse_bad = ek.sc_attention(q, kc, vc, ks, vs, cond_lens=bad_cl, self_lens=bad_sl, return_lse=True, backend="triton")
+    out, lse = ek.sc_attention(q, kc, vc, ks, vs, cond_lens=cl, self_lens=sl, return_lse=True, backend="triton")
+    assert torch.equal(out_bad, out) and torch.equal(lse_bad, lse)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _csrc_schema(op: str) -> str:
+    """The schema string of `op` as csrc/schema.cpp defines it (C++ literals joined)."""
+    text = (ROOT / "csrc" / "schema.cpp").read_text()
+    for call in re.findall(r"m\.def\((.*?)\);", text, flags=re.S):
+        schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call))
+        if schema.startswith(op + "("):
+            return schema
+    raise AssertionError(f"{op} not found in csrc/schema.cpp")
+
+
+@pytest.mark.parametrize("op", ["sc_attn_fwd", "sc_attn_bwd"])
+def test_schema_matches_csrc(op):
+    ours = sa.OPS[op]._opoverload._schema
+    theirs = torch._C.parse_schema("enat_kernels::triton_" + _csrc_schema(op))
+    assert str(ours) == str(theirs)
+    assert ours.name == f"enat_kernels::triton_{op}"
+
+
+def test_ops_discovered_through_package():
+    from enat_kernels import triton as ek_triton
+
+    assert ek_triton.op("sc_attn_fwd") is sa.sc_attn_fwd and ek_triton.op("sc_attn_bwd") is sa.sc_attn_bwd
+
+
+def test_op_refuses_unsupported_inputs():
+    q = torch.zeros(1, 4, 1, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim"):
+        sa.sc_attn_fwd(q, q[:, :0], q[:, :0], q, q, None, None, None, None, 4, 0, 1.0)
+    q = torch.zeros(1, 4, 1, 64, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        sa.sc_attn_fwd(q, q[:, :0], q[:, :0], q, q, None, None, None, None, 4, 0, 1.0)
+
+
+def _small_dense(gen, requires_grad):
+    case = AttnCase("opcheck", B=2, N=20, Nc=12, H=2, D=16, cond_lens=(12, 5), self_lens=(20, 3))
+    q, kc, vc, ks, vs, cl, sl = make_inputs(case, torch.float32, DEVICE, gen)
+    tensors = [t.detach().clone().requires_grad_(requires_grad) for t in (q, kc, vc, ks, vs)]
+    return (*tensors, cl, sl, None, None, 20, 12, 0.25)
+
+
+def _small_varlen(gen):
+    def cu(lens):
+        return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+    q_lens, c_lens, H, D = (9, 0, 14), (5, 7, 0), 2, 16
+    Tq, Tc = sum(q_lens), sum(c_lens)
+    q, ks, vs = (torch.randn(Tq, H, D, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    kc, vc = (torch.randn(Tc, H, D, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
+    return (q, kc, vc, ks, vs, None, None, cu(q_lens), cu(c_lens), max(q_lens), max(c_lens), 0.3)
+
+
+@pytest.mark.parametrize("form", ["dense", "varlen"])
+def test_opcheck_forward(form, gen):
+    args = _small_dense(gen, True) if form == "dense" else _small_varlen(gen)
+    torch.library.opcheck(sa.sc_attn_fwd, args)
+
+
+@pytest.mark.parametrize("with_dlse", [True, False], ids=["dlse", "no_dlse"])
+def test_opcheck_backward(with_dlse, gen):
+    args = _small_dense(gen, False)
+    out, lse = sa.sc_attn_fwd(*args)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+    dlse = torch.randn(lse.shape, generator=gen).to(DEVICE) if with_dlse else None
+    torch.library.opcheck(sa.sc_attn_bwd, (dout, dlse, *args[:5], out, lse, *args[5:]))
+
+
+def test_torch_compile_fullgraph_matches_eager(gen):
+    case = AttnCase("compile", B=2, N=20, Nc=30, H=2, D=32, cond_lens=(30, 4), self_lens=(20, 7))
+    q, kc, vc, ks, vs, cl, sl = make_inputs(case, torch.float32, DEVICE, gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+
+    def f(q, kc, vc, ks, vs):
+        out, lse = ek.sc_attention(q, kc, vc, ks, vs, cond_lens=cl, self_lens=sl, return_lse=True, backend="triton")
+        return out * 2.0, lse
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, kc, vc, ks, vs)]
+        out, lse = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, dout)
+        return [out.detach(), lse.detach(), *grads]
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(f, fullgraph=True))
+    eager = run(f)
+    for name, c, e in zip(("out", "lse", "dq", "dk_cond", "dv_cond", "dk_self", "dv_self"), compiled, eager):
+        torch.testing.assert_close(c, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------- launches
+
+
+class _LaunchCounter:
+    """Counts launches of the four kernels (pre-run hooks run once per launch)."""
+
+    def __init__(self):
+        self.kernels = [kernels.sc_attn_fwd_kernel, kernels.sc_attn_bwd_preprocess_kernel,
+                        kernels.sc_attn_bwd_dkdv_kernel, kernels.sc_attn_bwd_dq_kernel]
+        self.counts = {k.fn.__name__: 0 for k in self.kernels}
+        self._hooks = []
+
+    def __enter__(self):
+        for k in self.kernels:
+            def hook(*args, _name=k.fn.__name__, **kwargs):
+                self.counts[_name] += 1
+            k.pre_run_hooks.append(hook)
+            self._hooks.append((k, hook))
+        return self
+
+    def __exit__(self, *exc):
+        for k, hook in self._hooks:
+            k.pre_run_hooks.remove(hook)
+
+    def total(self):
+        return sum(self.counts.values())
+
+
+def _fwd_bwd_direct(args, gen):
+    out, lse = sa.sc_attn_fwd(*args)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+    return out, lse, sa.sc_attn_bwd(dout, None, *args[:5], out, lse, *args[5:])
+
+
+def test_empty_query_set_launches_nothing(gen, poison):
+    """N = 0 (the last sampling step): empty results, zero cond gradients, no kernel launched."""
+    case = AttnCase("empty_q", B=2, N=0, Nc=16, D=16)
+    q, kc, vc, ks, vs, _, _ = make_inputs(case, torch.float32, DEVICE, gen)
+    with _LaunchCounter() as launches:
+        out, lse, grads = _fwd_bwd_direct((q, kc, vc, ks, vs, None, None, None, None, 0, 16, 0.25), gen)
+    assert launches.total() == 0, launches.counts
+    assert out.shape == q.shape and lse.shape == (2, 2, 0)
+    assert torch.equal(grads[1], torch.zeros_like(kc)) and torch.equal(grads[2], torch.zeros_like(vc))
+
+
+def test_empty_varlen_queries_launch_nothing(gen, poison):
+    cu_q = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    cu_c = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(0, 2, 16, generator=gen).to(DEVICE)
+    kc = torch.randn(9, 2, 16, generator=gen).to(DEVICE)
+    with _LaunchCounter() as launches:
+        _, _, grads = _fwd_bwd_direct((q, kc, kc.clone(), q, q.clone(), None, None, cu_q, cu_c, 0, 5, 0.25), gen)
+    assert launches.total() == 0, launches.counts
+    assert torch.equal(grads[1], torch.zeros_like(kc))
+
+
+def test_empty_cond_segment_launches_each_kernel_once(gen, poison):
+    """Nc = 0 (the first sampling step): one launch per kernel, no cond key blocks."""
+    case = AttnCase("empty_c", B=2, N=12, Nc=0, D=16)
+    q, kc, vc, ks, vs, _, _ = make_inputs(case, torch.float32, DEVICE, gen)
+    args = (q, kc, vc, ks, vs, None, None, None, None, 12, 0, 0.25)
+    with _LaunchCounter() as launches:
+        _fwd_bwd_direct(args, gen)
+    assert all(n == 1 for n in launches.counts.values()), launches.counts
+    (_, (fwd_grid, _)), _, (_, (dkdv_grid, _)), _ = _launches(args)
+    assert fwd_grid[0] == dkdv_grid[0] == case.H * case.B  # one block per (row, head), no cond key blocks
