@@ -5,7 +5,9 @@ tested by test_sc_attention.py, ``-k triton``).
   launches is compared across lengths (on a GPU, also the JIT cache itself);
 - shapes spanning several blocks in both loops, rows ending on block boundaries;
 - the op schemas equal csrc/schema.cpp's; opcheck; torch.compile(fullgraph=True);
-- nothing is launched for an empty grid; out-of-range lengths are clamped.
+- nothing is launched for an empty grid; out-of-range lengths are clamped;
+- the kernels compile for sm_90 / sm_80 ahead of time (no GPU needed) without
+  register spills, within shared memory, with wgmma on Hopper.
 
 Without a GPU the kernels run under the Triton interpreter (float32/float16 only).
 """
@@ -26,13 +28,14 @@ from attention_cases import AttnCase, make_inputs
 from conftest import HAS_CUDA
 from test_sc_attention import _compare, _forward_backward
 
+pytest.importorskip("triton")
+from enat_kernels.triton import sc_attention as sa  # noqa: E402
+from enat_kernels.triton import sc_attention_config as config  # noqa: E402
+from enat_kernels.triton import sc_attention_kernels as kernels  # noqa: E402
+
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 _ERR = _dispatch.attention_error("triton", DEVICE, torch.float32, 64)
 pytestmark = pytest.mark.skipif(_ERR is not None, reason=f"triton backend unavailable: {_ERR}")
-if _ERR is None:
-    from enat_kernels.triton import sc_attention as sa
-    from enat_kernels.triton import sc_attention_config as config
-    from enat_kernels.triton import sc_attention_kernels as kernels
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,17 +48,21 @@ def _name(dtype):
 # ----------------------------------------------------------------------------- specialization
 
 
-def _binder(kernel):
-    """Triton's argument binder for `kernel` as the CUDA backend builds it (no GPU needed):
-    it returns the specialization key that selects the compiled variant."""
+def _jit(kernel, arch: int = 90):
+    """(JITFunction, backend, binder) of `kernel` for sm_<arch>, no GPU needed.
+
+    The JITFunction is rebuilt from the kernel's Python function with the kernel's own
+    do_not_specialize (under the interpreter `kernel` is an InterpretedFunction); the
+    binder is what Triton's launcher calls to get the specialization key that selects
+    the compiled variant."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    # The kernel's own do_not_specialize (JITFunction, or the interpreter's wrapper).
     dns = getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize")
     jit = JITFunction(kernel.fn, do_not_specialize=dns)
-    return create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
 
 
 def _keys(launches):
@@ -63,7 +70,7 @@ def _keys(launches):
     out = []
     for kernel, (_grid, kwargs) in launches:
         args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-        _, spec, _ = _binder(kernel)(**args)
+        _, spec, _ = _jit(kernel)[2](**args)
         out.append((kernel.fn.__name__, spec, kwargs.get("num_warps"), kwargs.get("num_stages")))
     return out
 
@@ -163,6 +170,86 @@ def test_no_recompilation_between_lengths(gen):
     warm = run(96, 160)
     for N, Nc in [(32, 224), (17, 1), (128, 0)]:
         assert run(N, Nc) == warm, f"N={N}, Nc={Nc} compiled a new variant"
+
+
+# ----------------------------------------------------------------------------- GPU code generation
+
+
+def _compile_for_gpu(kernel, kwargs, arch):
+    """Compile one launch ahead of time for sm_<arch> (no GPU needed); (kernel, ptxas -v report)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource
+
+    jit, backend, binder = _jit(kernel, arch)
+    args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+    bound, spec, _ = binder(**args)
+    names = [p.name for p in jit.params]
+    signature = {n: s[0] for n, s in zip(names, spec)}
+    constexprs = {(i,): bound[n] for i, (n, s) in enumerate(zip(names, spec)) if s[0] == "constexpr"}
+    attrs = {(i,): backend.parse_attr(s[1]) for i, s in enumerate(spec) if s[0] != "constexpr" and isinstance(s[1], str)}
+    options = {"num_warps": kwargs["num_warps"], "num_stages": kwargs.get("num_stages", 3)}
+    compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=backend.target, options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = pathlib.Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+               str(ptx), "-o", str(ptx.with_suffix(".o"))]
+        report = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    return compiled, report
+
+
+def codegen_report(arch: int, dtype_name: str, head_dim: int) -> list:
+    """Compile the forward and backward launches of an ENAT-like shape for sm_<arch>, with
+    the table entry of that GPU family.  Must run with TRITON_INTERPRET=0 (see below)."""
+    family = "hopper" if arch >= 90 else "ampere"
+    config.gpu_family = lambda device: family
+    report = []
+    for kernel, (_, kwargs) in _dense_launches(128, 96, True, getattr(torch, dtype_name), D=head_dim):
+        compiled, ptxas = _compile_for_gpu(kernel, kwargs, arch)
+        report.append({
+            "name": kernel.fn.__name__, "shared": compiled.metadata.shared, "family": family,
+            "spills": [int(n) for n in re.findall(r"(\d+) bytes spill stores", ptxas)],
+            "wgmma": "wgmma.mma_async" in compiled.asm["ptx"], "ptxas": ptxas,
+        })
+    return report
+
+
+@pytest.mark.parametrize("arch, dtype, head_dim", [(90, "bfloat16", 64), (80, "bfloat16", 64), (90, "float16", 128)],
+                         ids=["sm90-bf16-d64", "sm80-bf16-d64", "sm90-fp16-d128"])
+def test_gpu_code_generation(arch, dtype, head_dim):
+    """Every kernel compiles for the GPU (ahead of time, no GPU needed) with its table entry:
+    no register spills, shared memory within the family's limit, wgmma on Hopper.  The
+    check a CPU-only machine can make that the first GPU run will compile.
+
+    Runs in a subprocess without TRITON_INTERPRET: under the interpreter every
+    @triton.jit helper is an interpreted function, which the compiler cannot inline."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton has no NVIDIA backend")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_triton_sc_attention as t; "
+        "print('REPORT' + json.dumps(t.codegen_report(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).parent), str(arch), dtype, str(head_dim)],
+                         env=env, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout.split("REPORT", 1)[1])
+    assert [k["name"] for k in report] == ["sc_attn_fwd_kernel", "sc_attn_bwd_preprocess_kernel",
+                                           "sc_attn_bwd_dkdv_kernel", "sc_attn_bwd_dq_kernel"]
+    smem_limit = {"hopper": 227 * 1024, "ampere": 99 * 1024}
+    for k in report:
+        assert k["spills"] and max(k["spills"]) == 0, f"{k['name']} spills registers on sm_{arch}: {k['ptxas']}"
+        assert k["shared"] <= smem_limit[k["family"]], f"{k['name']} needs {k['shared']} B of shared memory"
+        if arch >= 90 and k["name"] != "sc_attn_bwd_preprocess_kernel":
+            assert k["wgmma"], f"{k['name']} does not use wgmma on sm_90"
 
 
 # ----------------------------------------------------------------------------- several blocks

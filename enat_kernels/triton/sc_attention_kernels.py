@@ -14,9 +14,11 @@ Numerics: scores are scaled by ``qk_scale = scale * log2(e)`` and exponentiated 
 exp2; lse is stored in natural log.  Accumulation is fp32; the probabilities are cast
 to the operands' dtype before the P @ V / dS @ K style dots, as flash-attention does.
 
-Masking: only the last, partial block of a loop uses masked loads; padding rows of
-any input (which may hold NaN/Inf) are never read as data: masked loads give 0 and
-masked scores -inf (forward) or masked probabilities 0 (backward).
+Masking: inside the key (or query) loops only the last, partial block uses masked
+loads; a program's own tile (its queries, or a dK/dV program's keys) is loaded once,
+masked.  Padding rows of any input (which may hold NaN/Inf) are never read as data:
+masked loads give 0 and masked scores -inf (forward) or masked probabilities 0
+(backward).
 
 Offsets: the (batch, packed row, head) part of every address is computed in int64;
 offsets inside a block are int32 (block * stride).
