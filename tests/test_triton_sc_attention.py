@@ -218,8 +218,8 @@ def codegen_report(arch: int, dtype_name: str, head_dim: int) -> list:
     return report
 
 
-@pytest.mark.parametrize("arch, dtype, head_dim", [(90, "bfloat16", 64), (80, "bfloat16", 64), (90, "float16", 128)],
-                         ids=["sm90-bf16-d64", "sm80-bf16-d64", "sm90-fp16-d128"])
+@pytest.mark.parametrize("arch, dtype, head_dim", [(90, "bfloat16", 64), (80, "bfloat16", 64), (90, "float16", 128), (80, "bfloat16", 128)],
+                         ids=["sm90-bf16-d64", "sm80-bf16-d64", "sm90-fp16-d128", "sm80-bf16-d128"])
 def test_gpu_code_generation(arch, dtype, head_dim):
     """Every kernel compiles for the GPU (ahead of time, no GPU needed) with its table entry:
     no register spills, shared memory within the family's limit, wgmma on Hopper.  The
@@ -263,25 +263,45 @@ MULTI_BLOCK = [
 ]
 
 
-@pytest.mark.parametrize("case", MULTI_BLOCK, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
-def test_several_blocks_both_loops(case, dtype, gen, poison):
+def _check_against_oracle(case, dtype, gen):
+    """Forward and backward (with dlse) of the triton backend within the accuracy rule."""
     q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, DEVICE, gen)
     B, N, H, _ = q.shape
     dout = torch.randn(q.shape, generator=gen).to(DEVICE, dtype)
     dlse = torch.randn(B, H, N, generator=gen).to(DEVICE)
 
     def fused(*x):
-        return ek.sc_attention(*x, cond_lens=cl, self_lens=sl, return_lse=True, backend="triton")
+        return ek.sc_attention(*x, cond_lens=cl, self_lens=sl, scale=case.scale, return_lse=True, backend="triton")
 
     def ref(*x):
-        return sc_attention_ref(*x, cond_lens=cl, self_lens=sl)
+        return sc_attention_ref(*x, cond_lens=cl, self_lens=sl, scale=case.scale)
 
     inputs = (q, kc, vc, ks, vs)
     got = _forward_backward(fused, inputs, dout, dlse)
     lowp = _forward_backward(ref, inputs, dout, dlse)
     oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double())
     _compare(got, lowp, oracle, dtype)
+
+
+@pytest.mark.parametrize("case", MULTI_BLOCK, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_several_blocks_both_loops(case, dtype, gen, poison):
+    _check_against_oracle(case, dtype, gen)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [MULTI_BLOCK[0], AttnCase("multi_block_d128", B=2, N=70, Nc=40, D=128, cond_lens=(40, 7), self_lens=(70, 32), scale=0.05)],
+    ids=str,
+)
+def test_ampere_table(case, gen, poison, monkeypatch):
+    """The interpreter (and a Hopper GPU) runs the "hopper" table; the "ampere" one (other
+    block sizes: 16-row steps at head_dim 64, 32-key dK/dV programs at 128) must compute
+    the same.  Its tiles also fit a Hopper GPU, so this runs there too."""
+    monkeypatch.setattr(config, "gpu_family", lambda device: "ampere")
+    assert config.backward_config(torch.device(DEVICE), case.D, torch.float16) == config.BackwardConfig(
+        *config._BACKWARD[("ampere", case.D, False)], "tf32")
+    _check_against_oracle(case, torch.float16, gen)
 
 
 def test_out_of_range_lengths_are_clamped(gen, poison):

@@ -9,8 +9,9 @@ lengths.
 
 Why these sizes.  They have not been timed on a GPU yet (none was available); they
 were checked by compiling every entry ahead of time for sm_90 and sm_80 and reading
-ptxas's report: no register spills for 16-bit inputs (except sm_80 head_dim 128
-backward, a few hundred bytes), wgmma on Hopper, 16-byte vector loads.
+ptxas's report: no register spills for 16-bit inputs, wgmma on Hopper, pipelined
+cp.async loads and 16-byte vector loads (tests/test_triton_sc_attention.py keeps
+checking a few entries this way).
 
 - ENAT's attention is short and memory-bound: at Nq = 128, Nc = 128, D = 64 one
   (row, head) does ~90 FLOP per byte of Q/K/V/O, below an H100's ridge (~300), and
@@ -19,8 +20,10 @@ backward, a few hundred bytes), wgmma on Hopper, 16-byte vector loads.
   same (row, head) is the next program, so its K/V re-reads mostly hit L2.
   BLOCK_N = 64 keys per step, fp32 accumulation, fp16/bf16 operands for tl.dot.
 - Backward: 64 keys per dK/dV program with query steps of 32 (and 64 queries per dQ
-  program with key steps of 32): the larger 64 x 64 steps spill on sm_80 and need
-  ~60 % more registers on sm_90 for the same tiles.
+  program with key steps of 32): 64 x 64 steps need ~60 % more registers on sm_90
+  and spill on sm_80, where mma.sync keeps operands in registers; there the steps
+  are 16 at head_dim 64 (3 programs per SM instead of 1 with 8 warps), and head_dim
+  128 needs 32-key dK/dV programs with 8 warps.
 - Families: "hopper" (compute capability 9.x/10.x: H100/H200/B200, >= 228 KB shared
   memory per SM) may use up to 130 KB of shared memory per program; "ampere" (every
   other GPU: A100, consumer cards with ~100 KB) stays under 64 KB and uses 8 warps
@@ -102,8 +105,8 @@ _BACKWARD = {
     ("hopper", 128, _16): (64, 32, 8, 64, 32, 8, 2),
     ("ampere", 16, _16): (64, 32, 4, 64, 32, 4, 2),
     ("ampere", 32, _16): (64, 32, 4, 64, 32, 4, 2),
-    ("ampere", 64, _16): (64, 32, 4, 64, 32, 4, 2),
-    ("ampere", 128, _16): (32, 32, 4, 32, 32, 4, 2),
+    ("ampere", 64, _16): (64, 16, 4, 64, 16, 4, 2),
+    ("ampere", 128, _16): (32, 32, 8, 32, 16, 4, 2),
 }
 for _fam in ("hopper", "ampere"):
     for _d in (16, 32, 64, 128):
