@@ -123,6 +123,13 @@ def routing_error(name: str, device_type: str) -> str | None:
 _warned: set[str] = set()
 
 
+def _log_choice(msg: str, *args) -> None:
+    # A Logger call inside torch.compile's trace is a graph break (fullgraph=True fails):
+    # the choice is logged by eager calls only.
+    if not torch.compiler.is_compiling():
+        log.info(msg, *args)
+
+
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
@@ -154,16 +161,16 @@ def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: i
         err = attention_error(requested, dt, dtype, head_dim)
         if err is not None:
             raise ValueError(f"backend={requested!r} cannot run these inputs: {err}")
-        log.info("sc_attention: backend %s (forced)", requested)
+        _log_choice("sc_attention: backend %s (forced)", requested)
         return requested
     order = _cuda_attention_order(dtype, head_dim, n_q, n_cond) if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = attention_error(name, dt, dtype, head_dim)
         if err is None:
-            log.info("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
+            _log_choice("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
             return name
         _warn_once(f"enat_kernels.sc_attention: skipping the {name} backend: {err}; using the next one")
-    log.info("sc_attention: backend torch (auto fallback, reference math)")
+    _log_choice("sc_attention: backend torch (auto fallback, reference math)")
     return "torch"
 
 
@@ -177,16 +184,16 @@ def select_routing(backend, device: torch.device, op: str) -> str:
         err = routing_error(requested, dt)
         if err is not None:
             raise ValueError(f"backend={requested!r} cannot run {op}: {err}")
-        log.info("%s: backend %s (forced)", op, requested)
+        _log_choice("%s: backend %s (forced)", op, requested)
         return requested
     order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = routing_error(name, dt)
         if err is None:
-            log.info("%s: backend %s (auto)", op, name)
+            _log_choice("%s: backend %s (auto)", op, name)
             return name
         _warn_once(f"enat_kernels.{op}: skipping the {name} backend: {err}; using the next one")
-    log.info("%s: backend torch (auto fallback)", op)
+    _log_choice("%s: backend torch (auto fallback)", op)
     return "torch"
 
 
