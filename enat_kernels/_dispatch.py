@@ -47,7 +47,7 @@ class AttentionCaps:
 
 ATTENTION_CAPS = {
     "triton": AttentionCaps((torch.float16, torch.bfloat16, torch.float32), (16, 32, 64, 128)),
-    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),
+    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),  # sm_80+, csrc/cuda/sc_attention.h
     "cpu": AttentionCaps((torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
     "torch": AttentionCaps((torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 1 << 30),
 }
@@ -123,6 +123,13 @@ def routing_error(name: str, device_type: str) -> str | None:
 _warned: set[str] = set()
 
 
+def _log_choice(msg: str, *args) -> None:
+    # A Logger call inside torch.compile's trace is a graph break (fullgraph=True fails):
+    # the choice is logged by eager calls only.
+    if not torch.compiler.is_compiling():
+        log.info(msg, *args)
+
+
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
@@ -133,7 +140,8 @@ def _cuda_attention_order(dtype: torch.dtype, head_dim: int, n_q: int, n_cond: i
     """Preference between the two GPU backends for one SC-Attention shape.
 
     Until the CUDA C++ kernel has been measured against the Triton kernel on a GPU
-    (benchmarks/results/), Triton goes first.
+    (benchmarks/results/), Triton goes first.  The measured per-shape rule (and the
+    CUDA kernel's tiling it depends on) goes in csrc/cuda/NOTES.md, "Backend order".
     """
     return ("triton", "cuda")
 
@@ -153,16 +161,16 @@ def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: i
         err = attention_error(requested, dt, dtype, head_dim)
         if err is not None:
             raise ValueError(f"backend={requested!r} cannot run these inputs: {err}")
-        log.info("sc_attention: backend %s (forced)", requested)
+        _log_choice("sc_attention: backend %s (forced)", requested)
         return requested
     order = _cuda_attention_order(dtype, head_dim, n_q, n_cond) if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = attention_error(name, dt, dtype, head_dim)
         if err is None:
-            log.info("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
+            _log_choice("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
             return name
         _warn_once(f"enat_kernels.sc_attention: skipping the {name} backend: {err}; using the next one")
-    log.info("sc_attention: backend torch (auto fallback, reference math)")
+    _log_choice("sc_attention: backend torch (auto fallback, reference math)")
     return "torch"
 
 
@@ -176,16 +184,16 @@ def select_routing(backend, device: torch.device, op: str) -> str:
         err = routing_error(requested, dt)
         if err is not None:
             raise ValueError(f"backend={requested!r} cannot run {op}: {err}")
-        log.info("%s: backend %s (forced)", op, requested)
+        _log_choice("%s: backend %s (forced)", op, requested)
         return requested
     order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = routing_error(name, dt)
         if err is None:
-            log.info("%s: backend %s (auto)", op, name)
+            _log_choice("%s: backend %s (auto)", op, name)
             return name
         _warn_once(f"enat_kernels.{op}: skipping the {name} backend: {err}; using the next one")
-    log.info("%s: backend torch (auto fallback)", op)
+    _log_choice("%s: backend torch (auto fallback)", op)
     return "torch"
 
 
