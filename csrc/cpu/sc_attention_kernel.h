@@ -1,0 +1,543 @@
+// SC-Attention forward and backward kernels for the CPU, written once with
+// at::vec::Vectorized and compiled once per instruction set (sc_attention_isa_*.cpp
+// define CPU_CAPABILITY before including this file; everything here lives in
+// namespace enat_kernels::cpu_attn::CPU_CAPABILITY so the copies never collide).
+//
+// Algorithm (flash-attention style, one online softmax over both segments):
+//
+//   Work is split into tasks; each task owns whole output rows, so no two tasks
+//   write the same element and nothing needs atomics.
+//   - forward:  task = (batch row, head, block of up to kQueryBlock queries).
+//   - backward: task = (batch row, head).  dK/dV of a key are sums over all queries
+//     of its (b, h), dQ of a query a sum over all keys, so a whole (b, h) per task
+//     keeps every accumulation inside one task.
+//   Tasks are handed out dynamically (an atomic counter) because ragged rows make
+//   their costs uneven.  Every element is computed by the same sequence of
+//   operations whatever the task split, the thread count or the schedule, so
+//   forward and backward are bitwise deterministic run to run.  No atomics touch
+//   floating-point data.
+//
+//   Layouts.  The queries of a task are packed once, scaled by `scale` and transposed
+//   (Qt: D x Mq, Mq = queries rounded up to 16), so S is computed transposed,
+//   St = K . Qt (keys x queries): the key rows are the broadcast operand of the
+//   matmul micro-kernel, and the softmax statistics of a query live in one vector
+//   lane, updated for a whole tile with elementwise vector ops (no horizontal
+//   reductions).  Keys and values are visited in tiles of kKeyTile rows, cond
+//   segment first, then self segment, each tile packed (converted to the
+//   accumulation type, rows padded with zeros to Dp = D rounded up to the vector
+//   width) so it stays in L1 and a power-of-two token stride cannot alias the cache.
+//   The two segments are never concatenated: they are two loops over tiles feeding
+//   the same running (max, sum, output) state.
+//
+//   All matmuls go through one register-blocked micro-kernel
+//   (C[MR x NV*W] (+)= A[MR x K] . B[K x NV*W]) with A read element-wise through
+//   (row, k) strides, so transposed operands (P^T, dS^T) cost nothing extra.
+//
+//   Accumulation is in float32 (float64 for float64 inputs).  Padding rows (beyond
+//   the lengths) are never read; padded query rows get out = 0 and lse = -inf; all
+//   gradient rows beyond the lengths are written as zeros.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/sc_attention_cpu.h"
+
+namespace enat_kernels::cpu_attn::CPU_CAPABILITY {
+
+// ----------------------------------------------------------------------------- tuning
+
+// Keys per tile: a packed K and V tile (2 x kKeyTile x Dp) stays in L1/L2.
+constexpr int64_t kKeyTile = 64;
+// Queries per forward task (and per inner step of the backward).
+constexpr int64_t kQueryBlock = 128;
+// Query counts are padded to this multiple (the micro-kernel's widest column strip).
+constexpr int64_t kQueryPad = 16;
+// Rows per micro-kernel call: MR x 2 vector accumulators must fit the 16 ymm
+// registers of AVX2; the portable build emulates a vector with two SSE registers.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+constexpr int kMR = 6;
+#else
+constexpr int kMR = 3;
+#endif
+
+// ----------------------------------------------------------------------------- basics
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Scratch memory of one worker (64-byte aligned, freed on scope exit).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : ptr_(static_cast<T*>(c10::alloc_cpu(std::max<int64_t>(n, 1) * sizeof(T)))) {}
+  ~Scratch() { c10::free_cpu(ptr_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return ptr_; }
+
+ private:
+  T* ptr_;
+};
+
+// Runs body(workspace, task) for task in [0, n) on the intra-op thread pool.  Tasks
+// are taken from a shared counter (dynamic schedule); each worker builds its own
+// workspace once.  Which thread runs a task never changes its result.
+template <typename MakeWorkspace, typename Body>
+void parallel_tasks(int64_t n, const MakeWorkspace& make_workspace, const Body& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto ws = make_workspace();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(ws, t);
+  });
+}
+
+// exp on a vector: Sleef's 1-ulp exp for double, the 20-ulp polynomial ATen's own
+// flash attention uses for float (far below float's rounding of the sums).
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// ----------------------------------------------------------------------------- views
+
+// The rows one task reads or writes: (b, h) fixed, row r at base + r * stride.
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t stride;
+  T* operator[](int64_t r) const { return base + r * stride; }
+};
+
+template <typename T>
+inline Rows<T> rows_of(const RowsView& v, int64_t b, int64_t h, int64_t first_row) {
+  return {static_cast<T*>(v.data) + b * v.batch + h * v.head + first_row * v.row, v.row};
+}
+
+template <typename T>
+inline Rows<T> lse_of(const LseView& v, int64_t b, int64_t h, int64_t first_row) {
+  return {static_cast<T*>(v.data) + b * v.batch + h * v.head + first_row * v.row, v.row};
+}
+
+// Where sequence b's rows are, with lengths clamped so that no value of the length
+// tensors can lead outside the inputs.
+struct Extent {
+  int64_t q_start, q_len, q_owned;  // queries (= self keys): rows [q_start, q_start + q_owned), first q_len valid
+  int64_t c_start, c_len, c_owned;  // cond keys
+};
+
+inline Extent extent_of(const Problem& p, int64_t b) {
+  auto clamp = [](int64_t x, int64_t lo, int64_t hi) { return std::min(std::max(x, lo), hi); };
+  Extent e{};
+  if (p.cu_q != nullptr) {
+    e.q_start = clamp(p.cu_q[b], 0, p.q_rows);
+    e.q_owned = e.q_len = std::min(clamp(p.cu_q[b + 1], e.q_start, p.q_rows) - e.q_start, p.max_q);
+    e.c_start = clamp(p.cu_cond[b], 0, p.cond_rows);
+    e.c_owned = e.c_len = std::min(clamp(p.cu_cond[b + 1], e.c_start, p.cond_rows) - e.c_start, p.max_cond);
+  } else {
+    e.q_start = e.c_start = 0;
+    e.q_owned = p.q_rows;
+    e.c_owned = p.cond_rows;
+    e.q_len = p.self_lens ? clamp(p.self_lens[b], 0, p.q_rows) : p.q_rows;
+    e.c_len = p.cond_lens ? clamp(p.cond_lens[b], 0, p.cond_rows) : p.cond_rows;
+  }
+  return e;
+}
+
+// ----------------------------------------------------------------------------- packing
+
+// dst[0:D] = scale * src[0:D] converted to acc_t, dst[D:Dp] = 0.
+template <typename scalar_t, typename acc_t>
+inline void load_row(const scalar_t* src, int64_t D, int64_t Dp, acc_t scale, acc_t* dst) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
+  for (int64_t d = D; d < Dp; ++d) dst[d] = acc_t(0);
+}
+
+// n rows into a row-major (n x Dp) block.
+template <typename scalar_t, typename acc_t>
+inline void pack_rows(Rows<const scalar_t> src, int64_t n, int64_t D, int64_t Dp, acc_t scale, acc_t* dst) {
+  for (int64_t r = 0; r < n; ++r) load_row(src[r], D, Dp, scale, dst + r * Dp);
+}
+
+// n rows transposed into a (D x ld) block, columns n..ld zero.
+template <typename scalar_t, typename acc_t>
+inline void pack_transposed(Rows<const scalar_t> src, int64_t n, int64_t D, int64_t ld, acc_t scale, acc_t* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* s = src[r];
+    for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<acc_t>(s[d]) * scale;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t r = n; r < ld; ++r) dst[d * ld + r] = acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* src, int64_t D, acc_t scale, scalar_t* dst) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * scale);
+}
+
+template <typename scalar_t>
+inline void zero_rows(Rows<scalar_t> dst, int64_t from, int64_t to, int64_t D) {
+  for (int64_t r = from; r < to; ++r) std::memset(static_cast<void*>(dst[r]), 0, D * sizeof(scalar_t));
+}
+
+// ----------------------------------------------------------------------------- matmul
+
+enum class Init { kZero, kLoad, kLoadScaled };
+
+// C[0:MR, 0:NV*W] = init + sum_k A(r, k) * B[k, 0:NV*W], with A(r, k) = A[r*a_row + k*a_k]
+// broadcast from memory and B, C row-major.  init: 0, C, or C scaled per row by
+// row_scale[r] (the online softmax's rescaling folded into the accumulator load).
+template <typename acc_t, int MR, int NV, Init INIT>
+inline void micro_kernel(int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
+                         acc_t* C, int64_t ldc, const acc_t* row_scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int W = Vec::size();
+  Vec acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (INIT == Init::kZero) {
+        acc[r][v] = Vec(acc_t(0));
+      } else if constexpr (INIT == Init::kLoad) {
+        acc[r][v] = Vec::loadu(C + r * ldc + v * W);
+      } else {
+        acc[r][v] = Vec::loadu(C + r * ldc + v * W) * Vec(row_scale[r]);
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t* a = A + k * a_k;
+    const acc_t* b = B + k * ldb;
+    Vec bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(b + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const Vec ar(a[r * a_row]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * W);
+  }
+}
+
+template <typename acc_t, int NV, Init INIT>
+inline void micro_kernel_rows(int64_t rows, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B,
+                              int64_t ldb, acc_t* C, int64_t ldc, const acc_t* row_scale) {
+  static_assert(kMR <= 6, "add cases below");
+  switch (rows) {
+#define ENAT_MK_CASE(R)                                                                            \
+  case R:                                                                                          \
+    if constexpr (R <= kMR) micro_kernel<acc_t, R, NV, INIT>(K, A, a_row, a_k, B, ldb, C, ldc, row_scale); \
+    break;
+    ENAT_MK_CASE(1)
+    ENAT_MK_CASE(2)
+    ENAT_MK_CASE(3)
+    ENAT_MK_CASE(4)
+    ENAT_MK_CASE(5)
+    ENAT_MK_CASE(6)
+#undef ENAT_MK_CASE
+    default:
+      break;
+  }
+}
+
+// C[M x N] (+)= A(M x K) . B[K x N]; N a multiple of the vector width, B and C
+// row-major with leading dimensions ldb, ldc; A element (r, k) at A[r*a_row + k*a_k].
+// Loop order keeps the reused operand in L1: B when it is small (rows of C visited
+// in the outer loop), otherwise one column strip of B at a time.
+template <typename acc_t, Init INIT>
+void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
+          acc_t* C, int64_t ldc, const acc_t* row_scale = nullptr) {
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  auto strip = [&](int64_t m0, int64_t mr, int64_t n0) {
+    const acc_t* rs = row_scale ? row_scale + m0 : nullptr;
+    const acc_t* a = A + m0 * a_row;
+    acc_t* c = C + m0 * ldc + n0;
+    if (N - n0 >= 2 * W) {
+      micro_kernel_rows<acc_t, 2, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs);
+    } else {
+      micro_kernel_rows<acc_t, 1, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs);
+    }
+  };
+  auto next_n = [&](int64_t n0) { return n0 + (N - n0 >= 2 * W ? 2 * W : W); };
+  const bool b_fits_l1 = K * N * static_cast<int64_t>(sizeof(acc_t)) <= 24 * 1024;
+  if (b_fits_l1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+      const int64_t mr = std::min<int64_t>(kMR, M - m0);
+      for (int64_t n0 = 0; n0 < N; n0 = next_n(n0)) strip(m0, mr, n0);
+    }
+  } else {
+    for (int64_t n0 = 0; n0 < N; n0 = next_n(n0)) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMR) strip(m0, std::min<int64_t>(kMR, M - m0), n0);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- forward
+
+// The two key/value segments of (b, h), visited in this order under one softmax.
+template <typename scalar_t>
+struct Segment {
+  Rows<const scalar_t> k, v;
+  int64_t len;
+};
+
+template <typename scalar_t>
+inline void segments_of(const Problem& p, const Extent& e, int64_t b, int64_t h, Segment<scalar_t> seg[2]) {
+  seg[0] = {rows_of<const scalar_t>(p.k_cond, b, h, e.c_start), rows_of<const scalar_t>(p.v_cond, b, h, e.c_start), e.c_len};
+  seg[1] = {rows_of<const scalar_t>(p.k_self, b, h, e.q_start), rows_of<const scalar_t>(p.v_self, b, h, e.q_start), e.q_len};
+}
+
+template <typename acc_t>
+struct ForwardWorkspace {
+  Scratch<acc_t> qt, st, o, k, v, m, l, alpha;
+  ForwardWorkspace(int64_t D, int64_t Dp)
+      : qt(D * kQueryBlock), st(kKeyTile * kQueryBlock), o(kQueryBlock * Dp), k(kKeyTile * Dp), v(kKeyTile * Dp),
+        m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock) {}
+};
+
+// Online softmax over one tile of St (nk keys x Mq queries, leading dimension Mq):
+// per query, the new running max, alpha = exp(old max - new max), St <- exp(St - max)
+// and the running sum l <- alpha * l + sum of the tile.
+template <typename acc_t>
+inline void softmax_tile(acc_t* st, int64_t nk, int64_t Mq, acc_t* m, acc_t* l, acc_t* alpha) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t i = 0; i < Mq; i += W) {
+    const Vec m_old = Vec::loadu(m + i);
+    Vec m_new = m_old;
+    for (int64_t j = 0; j < nk; ++j) m_new = at::vec::clamp_min(m_new, Vec::loadu(st + j * Mq + i));
+    Vec sum(acc_t(0));
+    for (int64_t j = 0; j < nk; ++j) {
+      const Vec p = vexp<acc_t>(Vec::loadu(st + j * Mq + i) - m_new);
+      p.store(st + j * Mq + i);
+      sum = sum + p;
+    }
+    const Vec a = vexp<acc_t>(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+    at::vec::fmadd(Vec::loadu(l + i), a, sum).store(l + i);
+    m_new.store(m + i);
+    a.store(alpha + i);
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const Problem& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  const int64_t B = p.batch, H = p.heads, D = p.head_dim, Dp = round_up(D, W);
+  const int64_t blocks = (p.max_q + kQueryBlock - 1) / kQueryBlock;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  auto task = [&](ForwardWorkspace<acc_t>& ws, int64_t t) {
+    const int64_t blk = t % blocks, h = (t / blocks) % H, b = t / (blocks * H);
+    const Extent e = extent_of(p, b);
+    Rows<scalar_t> out = rows_of<scalar_t>(p.out, b, h, e.q_start);
+    Rows<acc_t> lse = lse_of<acc_t>(p.lse, b, h, e.q_start);
+    const int64_t r0 = blk * kQueryBlock, r1 = std::min(r0 + kQueryBlock, e.q_owned);
+    const int64_t nq = std::max<int64_t>(std::min(r1, e.q_len) - r0, 0);
+
+    // Padded query rows: out = 0, lse = -inf.
+    for (int64_t r = std::max(r0, e.q_len); r < r1; ++r) {
+      std::memset(static_cast<void*>(out[r]), 0, D * sizeof(scalar_t));
+      *lse[r] = -std::numeric_limits<acc_t>::infinity();
+    }
+    if (nq == 0) return;
+
+    const int64_t Mq = round_up(nq, kQueryPad);
+    acc_t *qt = ws.qt.get(), *st = ws.st.get(), *o = ws.o.get(), *kt = ws.k.get(), *vt = ws.v.get();
+    acc_t *m = ws.m.get(), *l = ws.l.get(), *alpha = ws.alpha.get();
+    pack_transposed(rows_of<const scalar_t>(p.q, b, h, e.q_start + r0), nq, D, Mq, scale, qt);
+    std::fill(m, m + Mq, -std::numeric_limits<acc_t>::infinity());
+    std::fill(l, l + Mq, acc_t(0));
+    std::fill(o, o + nq * Dp, acc_t(0));
+
+    Segment<scalar_t> seg[2];
+    segments_of(p, e, b, h, seg);
+    for (const Segment<scalar_t>& s : seg) {
+      for (int64_t j0 = 0; j0 < s.len; j0 += kKeyTile) {
+        const int64_t nk = std::min(kKeyTile, s.len - j0);
+        pack_rows(Rows<const scalar_t>{s.k[j0], s.k.stride}, nk, D, Dp, acc_t(1), kt);
+        pack_rows(Rows<const scalar_t>{s.v[j0], s.v.stride}, nk, D, Dp, acc_t(1), vt);
+        // St = K . Qt (nk x Mq), then softmax statistics, then O = alpha * O + P^T V.
+        gemm<acc_t, Init::kZero>(nk, Mq, D, kt, Dp, 1, qt, Mq, st, Mq);
+        softmax_tile(st, nk, Mq, m, l, alpha);
+        gemm<acc_t, Init::kLoadScaled>(nq, Dp, nk, st, 1, Mq, vt, Dp, o, Dp, alpha);
+      }
+    }
+
+    // Every valid query sees at least its own key, so l > 0.
+    for (int64_t i = 0; i < nq; ++i) {
+      store_row(o + i * Dp, D, acc_t(1) / l[i], out[r0 + i]);
+      *lse[r0 + i] = m[i] + std::log(l[i]);
+    }
+  };
+
+  parallel_tasks(B * H * blocks, [&] { return ForwardWorkspace<acc_t>(D, Dp); }, task);
+}
+
+// ----------------------------------------------------------------------------- backward
+
+template <typename acc_t>
+struct BackwardWorkspace {
+  // Query side of one (b, h), packed once: Qt and dOt transposed (D x Mq), Q and dO
+  // as rows (Mq x Dp), per-query lse and dlse - delta, the dQ accumulator.
+  Scratch<acc_t> qt, dot, q, dout, lse, c, dq;
+  // Key side of one tile, and the tile's St / dPt (kKeyTile x kQueryBlock).
+  Scratch<acc_t> k, v, dk, dv, st, dpt;
+  BackwardWorkspace(int64_t max_q, int64_t D, int64_t Dp)
+      : qt(D * round_up(max_q, kQueryPad)), dot(D * round_up(max_q, kQueryPad)), q(max_q * Dp), dout(max_q * Dp),
+        lse(round_up(max_q, kQueryPad)), c(round_up(max_q, kQueryPad)), dq(max_q * Dp), k(kKeyTile * Dp),
+        v(kKeyTile * Dp), dk(kKeyTile * Dp), dv(kKeyTile * Dp), st(kKeyTile * kQueryBlock), dpt(kKeyTile * kQueryBlock) {}
+};
+
+// For a tile (nk keys x Mb queries, leading dimension Mb): P = exp(S - lse) into st,
+// dS = P * (dP + c) into dpt, c = dlse - delta per query.
+template <typename acc_t>
+inline void softmax_backward_tile(acc_t* st, acc_t* dpt, int64_t nk, int64_t Mb, const acc_t* lse, const acc_t* c) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t j = 0; j < nk; ++j) {
+    acc_t* s = st + j * Mb;
+    acc_t* dp = dpt + j * Mb;
+    for (int64_t i = 0; i < Mb; i += W) {
+      const Vec pv = vexp<acc_t>(Vec::loadu(s + i) - Vec::loadu(lse + i));
+      pv.store(s + i);
+      (pv * (Vec::loadu(dp + i) + Vec::loadu(c + i))).store(dp + i);
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_kernel(const Problem& p) {
+  using acc_t = acc_type_t<scalar_t>;
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  const int64_t B = p.batch, H = p.heads, D = p.head_dim, Dp = round_up(D, W);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const RowsView dk_views[2] = {p.dk_cond, p.dk_self}, dv_views[2] = {p.dv_cond, p.dv_self};
+
+  auto task = [&](BackwardWorkspace<acc_t>& ws, int64_t t) {
+    const int64_t h = t % H, b = t / H;
+    const Extent e = extent_of(p, b);
+    const int64_t nq = e.q_len, Mq = round_up(nq, kQueryPad);
+    Segment<scalar_t> seg[2];
+    segments_of(p, e, b, h, seg);
+    const int64_t seg_start[2] = {e.c_start, e.q_start}, seg_owned[2] = {e.c_owned, e.q_owned};
+
+    // Query side.
+    acc_t *qt = ws.qt.get(), *dot = ws.dot.get(), *q = ws.q.get(), *dout = ws.dout.get();
+    acc_t *lse = ws.lse.get(), *c = ws.c.get(), *dq = ws.dq.get();
+    if (nq > 0) {
+      const Rows<const scalar_t> q_rows = rows_of<const scalar_t>(p.q, b, h, e.q_start);
+      const Rows<const scalar_t> do_rows = rows_of<const scalar_t>(p.dout, b, h, e.q_start);
+      const Rows<const scalar_t> o_rows = rows_of<const scalar_t>(p.out, b, h, e.q_start);
+      const Rows<const acc_t> lse_rows = lse_of<const acc_t>(p.lse, b, h, e.q_start);
+      pack_transposed(q_rows, nq, D, Mq, scale, qt);
+      pack_transposed(do_rows, nq, D, Mq, acc_t(1), dot);
+      pack_rows(q_rows, nq, D, Dp, scale, q);
+      pack_rows(do_rows, nq, D, Dp, acc_t(1), dout);
+      for (int64_t i = 0; i < nq; ++i) {
+        acc_t delta = 0;
+        for (int64_t d = 0; d < D; ++d) delta += dout[i * Dp + d] * static_cast<acc_t>(o_rows[i][d]);
+        lse[i] = *lse_rows[i];
+        c[i] = (p.dlse.data ? *lse_of<const acc_t>(p.dlse, b, h, e.q_start)[i] : acc_t(0)) - delta;
+      }
+      // Padding queries: P = exp(S - inf) = 0, so they add nothing to dK, dV.
+      std::fill(lse + nq, lse + Mq, std::numeric_limits<acc_t>::infinity());
+      std::fill(c + nq, c + Mq, acc_t(0));
+      std::fill(dq, dq + nq * Dp, acc_t(0));
+    }
+
+    acc_t *kt = ws.k.get(), *vt = ws.v.get(), *dk = ws.dk.get(), *dv = ws.dv.get();
+    acc_t *st = ws.st.get(), *dpt = ws.dpt.get();
+    for (int si = 0; si < 2; ++si) {
+      const Segment<scalar_t>& s = seg[si];
+      Rows<scalar_t> dk_out = rows_of<scalar_t>(dk_views[si], b, h, seg_start[si]);
+      Rows<scalar_t> dv_out = rows_of<scalar_t>(dv_views[si], b, h, seg_start[si]);
+      const int64_t len = nq > 0 ? s.len : 0;  // no queries: every key gradient is zero
+      for (int64_t j0 = 0; j0 < len; j0 += kKeyTile) {
+        const int64_t nk = std::min(kKeyTile, len - j0);
+        pack_rows(Rows<const scalar_t>{s.k[j0], s.k.stride}, nk, D, Dp, acc_t(1), kt);
+        pack_rows(Rows<const scalar_t>{s.v[j0], s.v.stride}, nk, D, Dp, acc_t(1), vt);
+        std::fill(dk, dk + nk * Dp, acc_t(0));
+        std::fill(dv, dv + nk * Dp, acc_t(0));
+        for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
+          const int64_t nb = std::min(kQueryBlock, nq - i0), Mb = round_up(nb, kQueryPad);
+          gemm<acc_t, Init::kZero>(nk, Mb, D, kt, Dp, 1, qt + i0, Mq, st, Mb);    // St = K . Qt
+          gemm<acc_t, Init::kZero>(nk, Mb, D, vt, Dp, 1, dot + i0, Mq, dpt, Mb);  // dPt = V . dOt
+          softmax_backward_tile(st, dpt, nk, Mb, lse + i0, c + i0);
+          gemm<acc_t, Init::kLoad>(nk, Dp, nb, st, Mb, 1, dout + i0 * Dp, Dp, dv, Dp);  // dV += P^T dO
+          gemm<acc_t, Init::kLoad>(nk, Dp, nb, dpt, Mb, 1, q + i0 * Dp, Dp, dk, Dp);    // dK += dS^T (scale Q)
+          gemm<acc_t, Init::kLoad>(nb, Dp, nk, dpt, 1, Mb, kt, Dp, dq + i0 * Dp, Dp);   // dQ += dS K
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          store_row(dk + j * Dp, D, acc_t(1), dk_out[j0 + j]);
+          store_row(dv + j * Dp, D, acc_t(1), dv_out[j0 + j]);
+        }
+      }
+      zero_rows(dk_out, len, seg_owned[si], D);
+      zero_rows(dv_out, len, seg_owned[si], D);
+    }
+
+    Rows<scalar_t> dq_out = rows_of<scalar_t>(p.dq, b, h, e.q_start);
+    for (int64_t i = 0; i < nq; ++i) store_row(dq + i * Dp, D, scale, dq_out[i]);
+    zero_rows(dq_out, nq, e.q_owned, D);
+  };
+
+  const int64_t max_q = p.cu_q ? p.max_q : p.q_rows;
+  parallel_tasks(B * H, [&] { return BackwardWorkspace<acc_t>(max_q, D, Dp); }, task);
+}
+
+// ----------------------------------------------------------------------------- entry
+
+template <template <typename> class Fn>
+void dispatch(const Problem& p) {
+  switch (p.dtype) {
+    case ElemType::kFloat:
+      return Fn<float>::run(p);
+    case ElemType::kDouble:
+      return Fn<double>::run(p);
+    case ElemType::kHalf:
+      return Fn<c10::Half>::run(p);
+    case ElemType::kBFloat16:
+      return Fn<c10::BFloat16>::run(p);
+  }
+}
+
+template <typename scalar_t>
+struct Forward {
+  static void run(const Problem& p) { forward_kernel<scalar_t>(p); }
+};
+template <typename scalar_t>
+struct Backward {
+  static void run(const Problem& p) { backward_kernel<scalar_t>(p); }
+};
+
+void sc_attn_forward(const Problem& p) { dispatch<Forward>(p); }
+void sc_attn_backward(const Problem& p) { dispatch<Backward>(p); }
+
+}  // namespace enat_kernels::cpu_attn::CPU_CAPABILITY
