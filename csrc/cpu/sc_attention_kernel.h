@@ -39,6 +39,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/BFloat16.h>
@@ -78,6 +79,12 @@ using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, 
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Leading dimension for a buffer whose columns are walked (rows of St, of Qt): one
+// cache line more than the row, so that consecutive rows fall into different L1 sets
+// (a power-of-two row length would map a whole column onto a few sets).
+template <typename acc_t>
+inline int64_t skewed(int64_t row) { return row + 64 / static_cast<int64_t>(sizeof(acc_t)); }
+
 // Scratch memory of one worker (64-byte aligned, freed on scope exit).
 template <typename T>
 class Scratch {
@@ -92,9 +99,11 @@ class Scratch {
   T* ptr_;
 };
 
-// Runs body(workspace, task) for task in [0, n) on the intra-op thread pool.  Tasks
-// are taken from a shared counter (dynamic schedule); each worker builds its own
-// workspace once.  Which thread runs a task never changes its result.
+// Runs body(workspace, task, next_task) for task in [0, n) on the intra-op thread
+// pool.  Tasks are taken from a shared counter (dynamic schedule), one ahead, so that
+// a task can prefetch the inputs of the worker's next one (next_task, or -1); each
+// worker builds its own workspace once.  Which thread runs a task never changes its
+// result.
 template <typename MakeWorkspace, typename Body>
 void parallel_tasks(int64_t n, const MakeWorkspace& make_workspace, const Body& body) {
   if (n <= 0) return;
@@ -102,16 +111,64 @@ void parallel_tasks(int64_t n, const MakeWorkspace& make_workspace, const Body& 
   const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto ws = make_workspace();
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(ws, t);
+    int64_t t = next.fetch_add(1);
+    while (t < n) {
+      const int64_t t_next = next.fetch_add(1);
+      body(ws, t, t_next < n ? t_next : int64_t(-1));
+      t = t_next;
+    }
   });
 }
 
-// exp on a vector: Sleef's 1-ulp exp for double, the 20-ulp polynomial ATen's own
-// flash attention uses for float (far below float's rounding of the sums).
+// Prefetch rows into L2 ahead of use.  The rows of one head in a (B, N, H, D) tensor
+// are H * D elements apart (often a page), a pattern the hardware prefetchers do not
+// follow, so without this every packed tile would wait on memory.
+inline void prefetch_bytes(const void* p, int64_t bytes, bool for_write) {
+#if defined(__GNUC__) || defined(__clang__)
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64) {
+    if (for_write) {
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 2);
+    } else {
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
+    }
+  }
+#endif
+}
+
+// exp of a float vector whose entries are at most ~0 (every caller subtracts a
+// running max or the log-sum-exp): 2^n * p(r) with n = round(x / ln 2),
+// r = x - n ln 2 in [-ln2/2, ln2/2] and p the degree-6 Taylor polynomial (relative
+// error ~2e-7, float's own rounding).  12 vector ops, against ~19 for
+// Vectorized::exp_u20.  x is clamped to [-87, 88], so exp(-inf) (the first tile's
+// rescaling, or padding queries in the backward) gives ~1.6e-38, which only ever
+// multiplies zeros or is added to sums >= 1.
+inline at::vec::Vectorized<float> exp_clamped(at::vec::Vectorized<float> x) {
+  using Vec = at::vec::Vectorized<float>;
+  x = at::vec::clamp(x, Vec(-87.0f), Vec(88.0f));
+  // Adding 1.5 * 2^23 rounds x / ln2 to an integer n and leaves n + 127 (the bias,
+  // folded into the constant) in the low mantissa bits; << 23 turns that into 2^n.
+  const Vec shifter(12582912.0f + 127.0f);
+  const Vec t = at::vec::fmadd(x, Vec(1.44269504088896341f), shifter);
+  const Vec n = t - shifter;
+  Vec r = at::vec::fmadd(n, Vec(-0.693145751953125f), x);  // ln 2 in two parts (Cody-Waite)
+  r = at::vec::fmadd(n, Vec(-1.428606765330187e-06f), r);
+  Vec poly(1.0f / 720);
+  poly = at::vec::fmadd(poly, r, Vec(1.0f / 120));
+  poly = at::vec::fmadd(poly, r, Vec(1.0f / 24));
+  poly = at::vec::fmadd(poly, r, Vec(1.0f / 6));
+  poly = at::vec::fmadd(poly, r, Vec(0.5f));
+  poly = at::vec::fmadd(poly, r, Vec(1.0f));
+  poly = at::vec::fmadd(poly, r, Vec(1.0f));
+  const at::vec::Vectorized<int32_t> two_n = at::vec::cast<int32_t>(t) << at::vec::Vectorized<int32_t>(23);
+  return poly * at::vec::cast<float>(two_n);
+}
+
+// exp on a vector: the polynomial above for float, Sleef's 1-ulp exp for double.
 template <typename acc_t>
 inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& x) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    return x.exp_u20();
+    return exp_clamped(x);
   } else {
     return x.exp();
   }
@@ -164,11 +221,38 @@ inline Extent extent_of(const Problem& p, int64_t b) {
 
 // ----------------------------------------------------------------------------- packing
 
+// One vector of src converted to acc_t.
+template <typename scalar_t, typename acc_t>
+inline at::vec::Vectorized<acc_t> load_vec(const scalar_t* src) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vec::loadu(src);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    Vec v;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      at::vec::load_fp32_from_bf16(src, v);
+    } else {
+      at::vec::load_fp32_from_fp16(src, v);
+    }
+    return v;
+#else
+    __at_align__ acc_t tmp[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) tmp[i] = static_cast<acc_t>(src[i]);
+    return Vec::loadu(tmp);
+#endif
+  }
+}
+
 // dst[0:D] = scale * src[0:D] converted to acc_t, dst[D:Dp] = 0.
 template <typename scalar_t, typename acc_t>
 inline void load_row(const scalar_t* src, int64_t D, int64_t Dp, acc_t scale, acc_t* dst) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
-  for (int64_t d = D; d < Dp; ++d) dst[d] = acc_t(0);
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t d = 0;
+  for (; d + W <= D; d += W) (load_vec<scalar_t, acc_t>(src + d) * Vec(scale)).store(dst + d);
+  for (; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
+  for (; d < Dp; ++d) dst[d] = acc_t(0);
 }
 
 // n rows into a row-major (n x Dp) block.
@@ -177,10 +261,22 @@ inline void pack_rows(Rows<const scalar_t> src, int64_t n, int64_t D, int64_t Dp
   for (int64_t r = 0; r < n; ++r) load_row(src[r], D, Dp, scale, dst + r * Dp);
 }
 
-// n rows transposed into a (D x ld) block, columns n..ld zero.
+// n rows transposed into a (D x ld) block, columns n..ld zero.  W rows at a time are
+// converted into tmp (W x Dp) and transposed in W x W register blocks.
 template <typename scalar_t, typename acc_t>
-inline void pack_transposed(Rows<const scalar_t> src, int64_t n, int64_t D, int64_t ld, acc_t scale, acc_t* dst) {
-  for (int64_t r = 0; r < n; ++r) {
+inline void pack_transposed(Rows<const scalar_t> src, int64_t n, int64_t D, int64_t Dp, int64_t ld, acc_t scale,
+                            acc_t* dst, acc_t* tmp) {
+  constexpr int W = at::vec::Vectorized<acc_t>::size();
+  int64_t r0 = 0;
+  for (; r0 + W <= n; r0 += W) {
+    for (int r = 0; r < W; ++r) load_row(src[r0 + r], D, Dp, scale, tmp + r * Dp);
+    int64_t d = 0;
+    for (; d + W <= D; d += W) at::vec::transpose_mxn<acc_t, W, W>(tmp + d, Dp, dst + d * ld + r0, ld);
+    for (; d < D; ++d) {
+      for (int r = 0; r < W; ++r) dst[d * ld + r0 + r] = tmp[r * Dp + d];
+    }
+  }
+  for (int64_t r = r0; r < n; ++r) {
     const scalar_t* s = src[r];
     for (int64_t d = 0; d < D; ++d) dst[d * ld + r] = static_cast<acc_t>(s[d]) * scale;
   }
@@ -189,9 +285,26 @@ inline void pack_transposed(Rows<const scalar_t> src, int64_t n, int64_t D, int6
   }
 }
 
+// dst[0:D] = scale * src[0:D] converted to scalar_t.
 template <typename scalar_t, typename acc_t>
 inline void store_row(const acc_t* src, int64_t D, acc_t scale, scalar_t* dst) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * scale);
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t d = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; d + W <= D; d += W) (Vec::loadu(src + d) * Vec(scale)).store(dst + d);
+  } else {
+    for (; d + 2 * W <= D; d += 2 * W) {
+      at::vec::convert_from_float<scalar_t>(Vec::loadu(src + d) * Vec(scale), Vec::loadu(src + d + W) * Vec(scale))
+          .store(dst + d);
+    }
+  }
+  for (; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * scale);
+}
+
+template <typename T>
+inline void prefetch_rows(Rows<T> rows, int64_t first, int64_t n, int64_t D, bool for_write = false) {
+  for (int64_t r = first; r < first + n; ++r) prefetch_bytes(rows[r], D * static_cast<int64_t>(sizeof(T)), for_write);
 }
 
 template <typename scalar_t>
@@ -206,9 +319,12 @@ enum class Init { kZero, kLoad, kLoadScaled };
 // C[0:MR, 0:NV*W] = init + sum_k A(r, k) * B[k, 0:NV*W], with A(r, k) = A[r*a_row + k*a_k]
 // broadcast from memory and B, C row-major.  init: 0, C, or C scaled per row by
 // row_scale[r] (the online softmax's rescaling folded into the accumulator load).
+//
+// col_max (optional): col_max[0:NV*W] = max(col_max, max over the MR rows of C), the
+// online softmax's tile max computed while C is still in registers.
 template <typename acc_t, int MR, int NV, Init INIT>
 inline void micro_kernel(int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
-                         acc_t* C, int64_t ldc, const acc_t* row_scale) {
+                         acc_t* C, int64_t ldc, const acc_t* row_scale, acc_t* col_max) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int W = Vec::size();
   Vec acc[MR][NV];
@@ -243,16 +359,25 @@ inline void micro_kernel(int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, 
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v].store(C + r * ldc + v * W);
   }
+  if (col_max != nullptr) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      Vec mx = Vec::loadu(col_max + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) mx = at::vec::clamp_min(mx, acc[r][v]);
+      mx.store(col_max + v * W);
+    }
+  }
 }
 
 template <typename acc_t, int NV, Init INIT>
 inline void micro_kernel_rows(int64_t rows, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B,
-                              int64_t ldb, acc_t* C, int64_t ldc, const acc_t* row_scale) {
+                              int64_t ldb, acc_t* C, int64_t ldc, const acc_t* row_scale, acc_t* col_max) {
   static_assert(kMR <= 6, "add cases below");
   switch (rows) {
 #define ENAT_MK_CASE(R)                                                                            \
   case R:                                                                                          \
-    if constexpr (R <= kMR) micro_kernel<acc_t, R, NV, INIT>(K, A, a_row, a_k, B, ldb, C, ldc, row_scale); \
+    if constexpr (R <= kMR) micro_kernel<acc_t, R, NV, INIT>(K, A, a_row, a_k, B, ldb, C, ldc, row_scale, col_max); \
     break;
     ENAT_MK_CASE(1)
     ENAT_MK_CASE(2)
@@ -270,30 +395,36 @@ inline void micro_kernel_rows(int64_t rows, int64_t K, const acc_t* A, int64_t a
 // row-major with leading dimensions ldb, ldc; A element (r, k) at A[r*a_row + k*a_k].
 // Loop order keeps the reused operand in L1: B when it is small (rows of C visited
 // in the outer loop), otherwise one column strip of B at a time.
+// row_scale (kLoadScaled): per row of C; col_max (optional): per column of C, see
+// micro_kernel.
 template <typename acc_t, Init INIT>
 void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
-          acc_t* C, int64_t ldc, const acc_t* row_scale = nullptr) {
+          acc_t* C, int64_t ldc, const acc_t* row_scale = nullptr, acc_t* col_max = nullptr) {
   constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
   auto strip = [&](int64_t m0, int64_t mr, int64_t n0) {
     const acc_t* rs = row_scale ? row_scale + m0 : nullptr;
+    acc_t* cm = col_max ? col_max + n0 : nullptr;
     const acc_t* a = A + m0 * a_row;
     acc_t* c = C + m0 * ldc + n0;
     if (N - n0 >= 2 * W) {
-      micro_kernel_rows<acc_t, 2, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs);
+      micro_kernel_rows<acc_t, 2, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs, cm);
     } else {
-      micro_kernel_rows<acc_t, 1, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs);
+      micro_kernel_rows<acc_t, 1, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs, cm);
     }
   };
   auto next_n = [&](int64_t n0) { return n0 + (N - n0 >= 2 * W ? 2 * W : W); };
+  // Rows split into groups of equal size (+-1) rather than kMR, kMR, ..., remainder:
+  // a thin last group would waste most of its micro-kernel.
+  const int64_t groups = (M + kMR - 1) / kMR;
+  auto group_rows = [&](int64_t g) { return M / groups + (g < M % groups ? 1 : 0); };
   const bool b_fits_l1 = K * N * static_cast<int64_t>(sizeof(acc_t)) <= 24 * 1024;
   if (b_fits_l1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-      const int64_t mr = std::min<int64_t>(kMR, M - m0);
-      for (int64_t n0 = 0; n0 < N; n0 = next_n(n0)) strip(m0, mr, n0);
+    for (int64_t g = 0, m0 = 0; g < groups; m0 += group_rows(g++)) {
+      for (int64_t n0 = 0; n0 < N; n0 = next_n(n0)) strip(m0, group_rows(g), n0);
     }
   } else {
     for (int64_t n0 = 0; n0 < N; n0 = next_n(n0)) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMR) strip(m0, std::min<int64_t>(kMR, M - m0), n0);
+      for (int64_t g = 0, m0 = 0; g < groups; m0 += group_rows(g++)) strip(m0, group_rows(g), n0);
     }
   }
 }
@@ -313,36 +444,91 @@ inline void segments_of(const Problem& p, const Extent& e, int64_t b, int64_t h,
   seg[1] = {rows_of<const scalar_t>(p.k_self, b, h, e.q_start), rows_of<const scalar_t>(p.v_self, b, h, e.q_start), e.q_len};
 }
 
-template <typename acc_t>
-struct ForwardWorkspace {
-  Scratch<acc_t> qt, st, o, k, v, m, l, alpha;
-  ForwardWorkspace(int64_t D, int64_t Dp)
-      : qt(D * kQueryBlock), st(kKeyTile * kQueryBlock), o(kQueryBlock * Dp), k(kKeyTile * Dp), v(kKeyTile * Dp),
-        m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock) {}
+// Tile `idx` of the keys of (b, h), counting the cond segment's tiles first.
+template <typename scalar_t>
+struct KeyTile {
+  Rows<const scalar_t> k, v;  // first row of the tile at index 0
+  int segment;                // 0: cond, 1: self
+  int64_t j0, nk;             // position in its segment, rows
 };
 
-// Online softmax over one tile of St (nk keys x Mq queries, leading dimension Mq):
-// per query, the new running max, alpha = exp(old max - new max), St <- exp(St - max)
-// and the running sum l <- alpha * l + sum of the tile.
+template <typename scalar_t>
+inline int64_t num_tiles(const Segment<scalar_t>& s) { return (s.len + kKeyTile - 1) / kKeyTile; }
+
+template <typename scalar_t>
+inline KeyTile<scalar_t> key_tile(const Segment<scalar_t> seg[2], int64_t idx) {
+  const int64_t first = num_tiles(seg[0]);
+  const Segment<scalar_t>& s = idx < first ? seg[0] : seg[1];
+  const int64_t j0 = (idx < first ? idx : idx - first) * kKeyTile;
+  return {{s.k[j0], s.k.stride}, {s.v[j0], s.v.stride}, idx < first ? 0 : 1, j0, std::min(kKeyTile, s.len - j0)};
+}
+
+template <typename scalar_t>
+inline void prefetch_tile(const Segment<scalar_t> seg[2], int64_t idx, int64_t D) {
+  if (idx >= num_tiles(seg[0]) + num_tiles(seg[1])) return;
+  const KeyTile<scalar_t> t = key_tile(seg, idx);
+  prefetch_rows(t.k, 0, t.nk, D);
+  prefetch_rows(t.v, 0, t.nk, D);
+}
+
 template <typename acc_t>
-inline void softmax_tile(acc_t* st, int64_t nk, int64_t Mq, acc_t* m, acc_t* l, acc_t* alpha) {
+struct ForwardWorkspace {
+  Scratch<acc_t> qt, st, o, k, v, m, m_new, l, alpha, tmp;
+  ForwardWorkspace(int64_t D, int64_t Dp)
+      : qt(D * skewed<acc_t>(kQueryBlock)), st(kKeyTile * skewed<acc_t>(kQueryBlock)), o(kQueryBlock * Dp),
+        k(kKeyTile * Dp), v(kKeyTile * Dp), m(kQueryBlock), m_new(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock),
+        tmp(at::vec::Vectorized<acc_t>::size() * Dp) {}
+};
+
+// Online softmax over one tile of St (nk keys x Mq queries, leading dimension ld),
+// given per query the running max m and the new max m_new (max of m and the tile,
+// computed by the St matmul): alpha = exp(m - m_new), St <- exp(St - m_new), the
+// running sum l <- alpha * l + sum of the tile, m <- m_new.
+template <typename acc_t>
+inline void softmax_tile(acc_t* st, int64_t nk, int64_t Mq, int64_t ld, acc_t* m, const acc_t* m_new, acc_t* l,
+                         acc_t* alpha) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   for (int64_t i = 0; i < Mq; i += W) {
-    const Vec m_old = Vec::loadu(m + i);
-    Vec m_new = m_old;
-    for (int64_t j = 0; j < nk; ++j) m_new = at::vec::clamp_min(m_new, Vec::loadu(st + j * Mq + i));
+    const Vec mx = Vec::loadu(m_new + i);
+    const Vec a = vexp<acc_t>(Vec::loadu(m + i) - mx);  // ~0 on the first tile (m = -inf)
     Vec sum(acc_t(0));
     for (int64_t j = 0; j < nk; ++j) {
-      const Vec p = vexp<acc_t>(Vec::loadu(st + j * Mq + i) - m_new);
-      p.store(st + j * Mq + i);
+      const Vec p = vexp<acc_t>(Vec::loadu(st + j * ld + i) - mx);
+      p.store(st + j * ld + i);
       sum = sum + p;
     }
-    const Vec a = vexp<acc_t>(m_old - m_new);  // 0 on the first tile (m_old = -inf)
     at::vec::fmadd(Vec::loadu(l + i), a, sum).store(l + i);
-    m_new.store(m + i);
+    mx.store(m + i);
     a.store(alpha + i);
   }
+}
+
+// One forward task: (b, h) and its block of query rows [r0, r1), the first nq valid.
+struct ForwardTask {
+  int64_t b, h, r0, r1, nq;
+  Extent e;
+};
+
+inline ForwardTask forward_task(const Problem& p, int64_t blocks, int64_t t) {
+  ForwardTask f;
+  f.b = t / (blocks * p.heads);
+  f.h = (t / blocks) % p.heads;
+  f.e = extent_of(p, f.b);
+  f.r0 = (t % blocks) * kQueryBlock;
+  f.r1 = std::min(f.r0 + kQueryBlock, f.e.q_owned);
+  f.nq = std::max<int64_t>(std::min(f.r1, f.e.q_len) - f.r0, 0);
+  return f;
+}
+
+// Queries and first key tile of a forward task.
+template <typename scalar_t>
+inline void prefetch_forward_task(const Problem& p, const ForwardTask& f) {
+  if (f.nq == 0) return;
+  prefetch_rows(rows_of<const scalar_t>(p.q, f.b, f.h, f.e.q_start + f.r0), 0, f.nq, p.head_dim);
+  Segment<scalar_t> seg[2];
+  segments_of(p, f.e, f.b, f.h, seg);
+  prefetch_tile(seg, 0, p.head_dim);
 }
 
 template <typename scalar_t>
@@ -353,41 +539,44 @@ void forward_kernel(const Problem& p) {
   const int64_t blocks = (p.max_q + kQueryBlock - 1) / kQueryBlock;
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  auto task = [&](ForwardWorkspace<acc_t>& ws, int64_t t) {
-    const int64_t blk = t % blocks, h = (t / blocks) % H, b = t / (blocks * H);
-    const Extent e = extent_of(p, b);
-    Rows<scalar_t> out = rows_of<scalar_t>(p.out, b, h, e.q_start);
-    Rows<acc_t> lse = lse_of<acc_t>(p.lse, b, h, e.q_start);
-    const int64_t r0 = blk * kQueryBlock, r1 = std::min(r0 + kQueryBlock, e.q_owned);
-    const int64_t nq = std::max<int64_t>(std::min(r1, e.q_len) - r0, 0);
+  auto task = [&](ForwardWorkspace<acc_t>& ws, int64_t t, int64_t t_next) {
+    const ForwardTask f = forward_task(p, blocks, t);
+    const int64_t b = f.b, h = f.h, r0 = f.r0, nq = f.nq;
+    prefetch_forward_task<scalar_t>(p, f);  // cheap when the previous task already did
+    if (t_next >= 0) prefetch_forward_task<scalar_t>(p, forward_task(p, blocks, t_next));
+    Rows<scalar_t> out = rows_of<scalar_t>(p.out, b, h, f.e.q_start);
+    Rows<acc_t> lse = lse_of<acc_t>(p.lse, b, h, f.e.q_start);
 
     // Padded query rows: out = 0, lse = -inf.
-    for (int64_t r = std::max(r0, e.q_len); r < r1; ++r) {
+    for (int64_t r = std::max(r0, f.e.q_len); r < f.r1; ++r) {
       std::memset(static_cast<void*>(out[r]), 0, D * sizeof(scalar_t));
       *lse[r] = -std::numeric_limits<acc_t>::infinity();
     }
     if (nq == 0) return;
 
-    const int64_t Mq = round_up(nq, kQueryPad);
+    const int64_t Mq = round_up(nq, kQueryPad), ld = skewed<acc_t>(Mq);
     acc_t *qt = ws.qt.get(), *st = ws.st.get(), *o = ws.o.get(), *kt = ws.k.get(), *vt = ws.v.get();
-    acc_t *m = ws.m.get(), *l = ws.l.get(), *alpha = ws.alpha.get();
-    pack_transposed(rows_of<const scalar_t>(p.q, b, h, e.q_start + r0), nq, D, Mq, scale, qt);
+    acc_t *m = ws.m.get(), *m_new = ws.m_new.get(), *l = ws.l.get(), *alpha = ws.alpha.get();
+    pack_transposed(rows_of<const scalar_t>(p.q, b, h, f.e.q_start + r0), nq, D, Dp, ld, scale, qt, ws.tmp.get());
     std::fill(m, m + Mq, -std::numeric_limits<acc_t>::infinity());
     std::fill(l, l + Mq, acc_t(0));
     std::fill(o, o + nq * Dp, acc_t(0));
 
     Segment<scalar_t> seg[2];
-    segments_of(p, e, b, h, seg);
-    for (const Segment<scalar_t>& s : seg) {
-      for (int64_t j0 = 0; j0 < s.len; j0 += kKeyTile) {
-        const int64_t nk = std::min(kKeyTile, s.len - j0);
-        pack_rows(Rows<const scalar_t>{s.k[j0], s.k.stride}, nk, D, Dp, acc_t(1), kt);
-        pack_rows(Rows<const scalar_t>{s.v[j0], s.v.stride}, nk, D, Dp, acc_t(1), vt);
-        // St = K . Qt (nk x Mq), then softmax statistics, then O = alpha * O + P^T V.
-        gemm<acc_t, Init::kZero>(nk, Mq, D, kt, Dp, 1, qt, Mq, st, Mq);
-        softmax_tile(st, nk, Mq, m, l, alpha);
-        gemm<acc_t, Init::kLoadScaled>(nq, Dp, nk, st, 1, Mq, vt, Dp, o, Dp, alpha);
-      }
+    segments_of(p, f.e, b, h, seg);
+    const int64_t tiles = num_tiles(seg[0]) + num_tiles(seg[1]);
+    for (int64_t idx = 0; idx < tiles; ++idx) {
+      prefetch_tile(seg, idx + 1, D);
+      if (idx + 1 == tiles) prefetch_rows(out, r0, nq, D, /*for_write=*/true);
+      const KeyTile<scalar_t> kv = key_tile(seg, idx);
+      const int64_t nk = kv.nk;
+      pack_rows(kv.k, nk, D, Dp, acc_t(1), kt);
+      pack_rows(kv.v, nk, D, Dp, acc_t(1), vt);
+      // St = K . Qt (nk x Mq) and its column max, then softmax, then O = alpha * O + P^T V.
+      std::copy(m, m + Mq, m_new);
+      gemm<acc_t, Init::kZero>(nk, Mq, D, kt, Dp, 1, qt, ld, st, ld, nullptr, m_new);
+      softmax_tile(st, nk, Mq, ld, m, m_new, l, alpha);
+      gemm<acc_t, Init::kLoadScaled>(nq, Dp, nk, st, 1, ld, vt, Dp, o, Dp, alpha);
     }
 
     // Every valid query sees at least its own key, so l > 0.
@@ -408,28 +597,44 @@ struct BackwardWorkspace {
   // as rows (Mq x Dp), per-query lse and dlse - delta, the dQ accumulator.
   Scratch<acc_t> qt, dot, q, dout, lse, c, dq;
   // Key side of one tile, and the tile's St / dPt (kKeyTile x kQueryBlock).
-  Scratch<acc_t> k, v, dk, dv, st, dpt;
+  Scratch<acc_t> k, v, dk, dv, st, dpt, tmp;
   BackwardWorkspace(int64_t max_q, int64_t D, int64_t Dp)
-      : qt(D * round_up(max_q, kQueryPad)), dot(D * round_up(max_q, kQueryPad)), q(max_q * Dp), dout(max_q * Dp),
+      : qt(D * skewed<acc_t>(round_up(max_q, kQueryPad))), dot(D * skewed<acc_t>(round_up(max_q, kQueryPad))), q(max_q * Dp), dout(max_q * Dp),
         lse(round_up(max_q, kQueryPad)), c(round_up(max_q, kQueryPad)), dq(max_q * Dp), k(kKeyTile * Dp),
-        v(kKeyTile * Dp), dk(kKeyTile * Dp), dv(kKeyTile * Dp), st(kKeyTile * kQueryBlock), dpt(kKeyTile * kQueryBlock) {}
+        v(kKeyTile * Dp), dk(kKeyTile * Dp), dv(kKeyTile * Dp), st(kKeyTile * skewed<acc_t>(kQueryBlock)),
+        dpt(kKeyTile * skewed<acc_t>(kQueryBlock)), tmp(at::vec::Vectorized<acc_t>::size() * Dp) {}
 };
 
-// For a tile (nk keys x Mb queries, leading dimension Mb): P = exp(S - lse) into st,
+// For a tile (nk keys x Mb queries, leading dimension ld): P = exp(S - lse) into st,
 // dS = P * (dP + c) into dpt, c = dlse - delta per query.
 template <typename acc_t>
-inline void softmax_backward_tile(acc_t* st, acc_t* dpt, int64_t nk, int64_t Mb, const acc_t* lse, const acc_t* c) {
+inline void softmax_backward_tile(acc_t* st, acc_t* dpt, int64_t nk, int64_t Mb, int64_t ld, const acc_t* lse,
+                                  const acc_t* c) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   for (int64_t j = 0; j < nk; ++j) {
-    acc_t* s = st + j * Mb;
-    acc_t* dp = dpt + j * Mb;
+    acc_t* s = st + j * ld;
+    acc_t* dp = dpt + j * ld;
     for (int64_t i = 0; i < Mb; i += W) {
       const Vec pv = vexp<acc_t>(Vec::loadu(s + i) - Vec::loadu(lse + i));
       pv.store(s + i);
       (pv * (Vec::loadu(dp + i) + Vec::loadu(c + i))).store(dp + i);
     }
   }
+}
+
+// Queries, their output and output gradient rows, and the first key tile of task t.
+template <typename scalar_t>
+inline void prefetch_backward_task(const Problem& p, int64_t t) {
+  const int64_t h = t % p.heads, b = t / p.heads;
+  const Extent e = extent_of(p, b);
+  if (e.q_len == 0) return;
+  for (const RowsView* v : {&p.q, &p.dout, &p.out}) {
+    prefetch_rows(rows_of<const scalar_t>(*v, b, h, e.q_start), 0, e.q_len, p.head_dim);
+  }
+  Segment<scalar_t> seg[2];
+  segments_of(p, e, b, h, seg);
+  prefetch_tile(seg, 0, p.head_dim);
 }
 
 template <typename scalar_t>
@@ -440,15 +645,22 @@ void backward_kernel(const Problem& p) {
   const acc_t scale = static_cast<acc_t>(p.scale);
   const RowsView dk_views[2] = {p.dk_cond, p.dk_self}, dv_views[2] = {p.dv_cond, p.dv_self};
 
-  auto task = [&](BackwardWorkspace<acc_t>& ws, int64_t t) {
+  auto task = [&](BackwardWorkspace<acc_t>& ws, int64_t t, int64_t t_next) {
     const int64_t h = t % H, b = t / H;
     const Extent e = extent_of(p, b);
-    const int64_t nq = e.q_len, Mq = round_up(nq, kQueryPad);
+    const int64_t nq = e.q_len, Mq = round_up(nq, kQueryPad), ldq = skewed<acc_t>(Mq);
+    prefetch_backward_task<scalar_t>(p, t);  // cheap when the previous task already did
+    if (t_next >= 0) prefetch_backward_task<scalar_t>(p, t_next);
     Segment<scalar_t> seg[2];
     segments_of(p, e, b, h, seg);
     const int64_t seg_start[2] = {e.c_start, e.q_start}, seg_owned[2] = {e.c_owned, e.q_owned};
+    Rows<scalar_t> dk_out[2], dv_out[2];
+    for (int si = 0; si < 2; ++si) {
+      dk_out[si] = rows_of<scalar_t>(dk_views[si], b, h, seg_start[si]);
+      dv_out[si] = rows_of<scalar_t>(dv_views[si], b, h, seg_start[si]);
+    }
 
-    // Query side.
+    // Query side, packed once for all key tiles.
     acc_t *qt = ws.qt.get(), *dot = ws.dot.get(), *q = ws.q.get(), *dout = ws.dout.get();
     acc_t *lse = ws.lse.get(), *c = ws.c.get(), *dq = ws.dq.get();
     if (nq > 0) {
@@ -456,8 +668,8 @@ void backward_kernel(const Problem& p) {
       const Rows<const scalar_t> do_rows = rows_of<const scalar_t>(p.dout, b, h, e.q_start);
       const Rows<const scalar_t> o_rows = rows_of<const scalar_t>(p.out, b, h, e.q_start);
       const Rows<const acc_t> lse_rows = lse_of<const acc_t>(p.lse, b, h, e.q_start);
-      pack_transposed(q_rows, nq, D, Mq, scale, qt);
-      pack_transposed(do_rows, nq, D, Mq, acc_t(1), dot);
+      pack_transposed(q_rows, nq, D, Dp, ldq, scale, qt, ws.tmp.get());
+      pack_transposed(do_rows, nq, D, Dp, ldq, acc_t(1), dot, ws.tmp.get());
       pack_rows(q_rows, nq, D, Dp, scale, q);
       pack_rows(do_rows, nq, D, Dp, acc_t(1), dout);
       for (int64_t i = 0; i < nq; ++i) {
@@ -472,35 +684,38 @@ void backward_kernel(const Problem& p) {
       std::fill(dq, dq + nq * Dp, acc_t(0));
     }
 
+    // Key tiles (none without queries: then every key gradient is zero).
     acc_t *kt = ws.k.get(), *vt = ws.v.get(), *dk = ws.dk.get(), *dv = ws.dv.get();
     acc_t *st = ws.st.get(), *dpt = ws.dpt.get();
-    for (int si = 0; si < 2; ++si) {
-      const Segment<scalar_t>& s = seg[si];
-      Rows<scalar_t> dk_out = rows_of<scalar_t>(dk_views[si], b, h, seg_start[si]);
-      Rows<scalar_t> dv_out = rows_of<scalar_t>(dv_views[si], b, h, seg_start[si]);
-      const int64_t len = nq > 0 ? s.len : 0;  // no queries: every key gradient is zero
-      for (int64_t j0 = 0; j0 < len; j0 += kKeyTile) {
-        const int64_t nk = std::min(kKeyTile, len - j0);
-        pack_rows(Rows<const scalar_t>{s.k[j0], s.k.stride}, nk, D, Dp, acc_t(1), kt);
-        pack_rows(Rows<const scalar_t>{s.v[j0], s.v.stride}, nk, D, Dp, acc_t(1), vt);
-        std::fill(dk, dk + nk * Dp, acc_t(0));
-        std::fill(dv, dv + nk * Dp, acc_t(0));
-        for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
-          const int64_t nb = std::min(kQueryBlock, nq - i0), Mb = round_up(nb, kQueryPad);
-          gemm<acc_t, Init::kZero>(nk, Mb, D, kt, Dp, 1, qt + i0, Mq, st, Mb);    // St = K . Qt
-          gemm<acc_t, Init::kZero>(nk, Mb, D, vt, Dp, 1, dot + i0, Mq, dpt, Mb);  // dPt = V . dOt
-          softmax_backward_tile(st, dpt, nk, Mb, lse + i0, c + i0);
-          gemm<acc_t, Init::kLoad>(nk, Dp, nb, st, Mb, 1, dout + i0 * Dp, Dp, dv, Dp);  // dV += P^T dO
-          gemm<acc_t, Init::kLoad>(nk, Dp, nb, dpt, Mb, 1, q + i0 * Dp, Dp, dk, Dp);    // dK += dS^T (scale Q)
-          gemm<acc_t, Init::kLoad>(nb, Dp, nk, dpt, 1, Mb, kt, Dp, dq + i0 * Dp, Dp);   // dQ += dS K
-        }
-        for (int64_t j = 0; j < nk; ++j) {
-          store_row(dk + j * Dp, D, acc_t(1), dk_out[j0 + j]);
-          store_row(dv + j * Dp, D, acc_t(1), dv_out[j0 + j]);
-        }
+    const int64_t tiles = nq > 0 ? num_tiles(seg[0]) + num_tiles(seg[1]) : 0;
+    for (int64_t idx = 0; idx < tiles; ++idx) {
+      prefetch_tile(seg, idx + 1, D);
+      const KeyTile<scalar_t> kv = key_tile(seg, idx);
+      const int64_t nk = kv.nk, j0 = kv.j0;
+      prefetch_rows(dk_out[kv.segment], j0, nk, D, /*for_write=*/true);
+      prefetch_rows(dv_out[kv.segment], j0, nk, D, /*for_write=*/true);
+      pack_rows(kv.k, nk, D, Dp, acc_t(1), kt);
+      pack_rows(kv.v, nk, D, Dp, acc_t(1), vt);
+      std::fill(dk, dk + nk * Dp, acc_t(0));
+      std::fill(dv, dv + nk * Dp, acc_t(0));
+      for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
+        const int64_t nb = std::min(kQueryBlock, nq - i0), Mb = round_up(nb, kQueryPad), ldb = skewed<acc_t>(Mb);
+        gemm<acc_t, Init::kZero>(nk, Mb, D, kt, Dp, 1, qt + i0, ldq, st, ldb);    // St = K . Qt
+        gemm<acc_t, Init::kZero>(nk, Mb, D, vt, Dp, 1, dot + i0, ldq, dpt, ldb);  // dPt = V . dOt
+        softmax_backward_tile(st, dpt, nk, Mb, ldb, lse + i0, c + i0);
+        gemm<acc_t, Init::kLoad>(nk, Dp, nb, st, ldb, 1, dout + i0 * Dp, Dp, dv, Dp);  // dV += P^T dO
+        gemm<acc_t, Init::kLoad>(nk, Dp, nb, dpt, ldb, 1, q + i0 * Dp, Dp, dk, Dp);    // dK += dS^T (scale Q)
+        gemm<acc_t, Init::kLoad>(nb, Dp, nk, dpt, 1, ldb, kt, Dp, dq + i0 * Dp, Dp);   // dQ += dS K
       }
-      zero_rows(dk_out, len, seg_owned[si], D);
-      zero_rows(dv_out, len, seg_owned[si], D);
+      for (int64_t j = 0; j < nk; ++j) {
+        store_row(dk + j * Dp, D, acc_t(1), dk_out[kv.segment][j0 + j]);
+        store_row(dv + j * Dp, D, acc_t(1), dv_out[kv.segment][j0 + j]);
+      }
+    }
+    for (int si = 0; si < 2; ++si) {
+      const int64_t len = nq > 0 ? seg[si].len : 0;
+      zero_rows(dk_out[si], len, seg_owned[si], D);
+      zero_rows(dv_out[si], len, seg_owned[si], D);
     }
 
     Rows<scalar_t> dq_out = rows_of<scalar_t>(p.dq, b, h, e.q_start);
