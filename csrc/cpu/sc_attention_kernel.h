@@ -120,22 +120,6 @@ void parallel_tasks(int64_t n, const MakeWorkspace& make_workspace, const Body& 
   });
 }
 
-// Prefetch rows into L2 ahead of use.  The rows of one head in a (B, N, H, D) tensor
-// are H * D elements apart (often a page), a pattern the hardware prefetchers do not
-// follow, so without this every packed tile would wait on memory.
-inline void prefetch_bytes(const void* p, int64_t bytes, bool for_write) {
-#if defined(__GNUC__) || defined(__clang__)
-  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
-  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a < end; a += 64) {
-    if (for_write) {
-      __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 2);
-    } else {
-      __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
-    }
-  }
-#endif
-}
-
 // exp of a float vector whose entries are at most ~0 (every caller subtracts a
 // running max or the log-sum-exp): 2^n * p(r) with n = round(x / ln 2),
 // r = x - n ln 2 in [-ln2/2, ln2/2] and p the degree-6 Taylor polynomial (relative
@@ -219,6 +203,71 @@ inline Extent extent_of(const Problem& p, int64_t b) {
   return e;
 }
 
+// Software prefetch, paced.  The rows of one head in a (B, N, H, D) tensor are
+// H * D elements apart (often a page), a pattern the hardware prefetchers do not
+// follow, so every packed tile would wait on memory.  Rows needed soon (the next key
+// tile, the next task's queries) are queued here and the matmuls issue a few cache
+// lines between micro-kernel calls: issued in one burst, most prefetches would find
+// the core's miss buffers full and achieve little.
+class Prefetcher {
+ public:
+  // Queue rows [0, rows) of a strided set (strides in bytes).
+  void add(const void* first_row, int64_t stride, int64_t rows, int64_t row_bytes, bool for_write = false) {
+    if (rows <= 0 || row_bytes <= 0) return;
+    if (count_ == kCapacity) step(std::numeric_limits<int64_t>::max() / 2);  // make room: issue everything
+    ranges_[(head_ + count_++) % kCapacity] = {static_cast<const char*>(first_row), stride, rows, row_bytes, for_write};
+    pending_ += rows * (row_bytes / 64 + 1);
+  }
+  template <typename T>
+  void add_rows(Rows<T> rows, int64_t first, int64_t n, int64_t D, bool for_write = false) {
+    add(rows[first], rows.stride * static_cast<int64_t>(sizeof(T)), n, D * static_cast<int64_t>(sizeof(T)), for_write);
+  }
+  // Spread what is queued over about `steps` calls of step().
+  void pace(int64_t steps) { per_step_ = std::max<int64_t>(2, pending_ / std::max<int64_t>(steps, 1) + 1); }
+  void step() { step(per_step_); }
+
+  void step(int64_t lines) {
+#if defined(__GNUC__) || defined(__clang__)
+    while (lines > 0 && count_ > 0) {
+      const Range& r = ranges_[head_];
+      const uintptr_t row = reinterpret_cast<uintptr_t>(r.p + row_ * r.stride);
+      const uintptr_t end = row + r.row_bytes;
+      uintptr_t a = (row & ~uintptr_t(63)) + offset_;
+      for (; a < end && lines > 0; a += 64, offset_ += 64, --lines, --pending_) {
+        if (r.for_write) {
+          __builtin_prefetch(reinterpret_cast<const void*>(a), 1, 2);
+        } else {
+          __builtin_prefetch(reinterpret_cast<const void*>(a), 0, 2);
+        }
+      }
+      if (a >= end) {  // row done
+        offset_ = 0;
+        if (++row_ == r.rows) {
+          row_ = 0;
+          head_ = (head_ + 1) % kCapacity;
+          --count_;
+        }
+      }
+    }
+    if (count_ == 0) pending_ = 0;
+#else
+    (void)lines;
+    count_ = 0;
+#endif
+  }
+
+ private:
+  struct Range {
+    const char* p;
+    int64_t stride, rows, row_bytes;
+    bool for_write;
+  };
+  static constexpr int kCapacity = 16;
+  Range ranges_[kCapacity];
+  int head_ = 0, count_ = 0;
+  int64_t row_ = 0, offset_ = 0, pending_ = 0, per_step_ = 2;
+};
+
 // ----------------------------------------------------------------------------- packing
 
 // One vector of src converted to acc_t.
@@ -300,11 +349,6 @@ inline void store_row(const acc_t* src, int64_t D, acc_t scale, scalar_t* dst) {
     }
   }
   for (; d < D; ++d) dst[d] = static_cast<scalar_t>(src[d] * scale);
-}
-
-template <typename T>
-inline void prefetch_rows(Rows<T> rows, int64_t first, int64_t n, int64_t D, bool for_write = false) {
-  for (int64_t r = first; r < first + n; ++r) prefetch_bytes(rows[r], D * static_cast<int64_t>(sizeof(T)), for_write);
 }
 
 template <typename scalar_t>
@@ -396,10 +440,10 @@ inline void micro_kernel_rows(int64_t rows, int64_t K, const acc_t* A, int64_t a
 // Loop order keeps the reused operand in L1: B when it is small (rows of C visited
 // in the outer loop), otherwise one column strip of B at a time.
 // row_scale (kLoadScaled): per row of C; col_max (optional): per column of C, see
-// micro_kernel.
+// micro_kernel.  pf: advanced by one step after every micro-kernel call.
 template <typename acc_t, Init INIT>
-void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
-          acc_t* C, int64_t ldc, const acc_t* row_scale = nullptr, acc_t* col_max = nullptr) {
+void gemm(Prefetcher& pf, int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B,
+          int64_t ldb, acc_t* C, int64_t ldc, const acc_t* row_scale = nullptr, acc_t* col_max = nullptr) {
   constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
   auto strip = [&](int64_t m0, int64_t mr, int64_t n0) {
     const acc_t* rs = row_scale ? row_scale + m0 : nullptr;
@@ -411,6 +455,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_
     } else {
       micro_kernel_rows<acc_t, 1, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs, cm);
     }
+    pf.step();
   };
   auto next_n = [&](int64_t n0) { return n0 + (N - n0 >= 2 * W ? 2 * W : W); };
   // Rows split into groups of equal size (+-1) rather than kMR, kMR, ..., remainder:
@@ -427,6 +472,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_
       for (int64_t g = 0, m0 = 0; g < groups; m0 += group_rows(g++)) strip(m0, group_rows(g), n0);
     }
   }
+}
+
+// Micro-kernel calls gemm makes for C[M x N] (to pace the prefetcher).
+template <typename acc_t>
+inline int64_t gemm_calls(int64_t M, int64_t N) {
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  return (M + kMR - 1) / kMR * ((N + 2 * W - 1) / (2 * W));
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -464,16 +516,17 @@ inline KeyTile<scalar_t> key_tile(const Segment<scalar_t> seg[2], int64_t idx) {
 }
 
 template <typename scalar_t>
-inline void prefetch_tile(const Segment<scalar_t> seg[2], int64_t idx, int64_t D) {
+inline void prefetch_tile(Prefetcher& pf, const Segment<scalar_t> seg[2], int64_t idx, int64_t D) {
   if (idx >= num_tiles(seg[0]) + num_tiles(seg[1])) return;
   const KeyTile<scalar_t> t = key_tile(seg, idx);
-  prefetch_rows(t.k, 0, t.nk, D);
-  prefetch_rows(t.v, 0, t.nk, D);
+  pf.add_rows(t.k, 0, t.nk, D);
+  pf.add_rows(t.v, 0, t.nk, D);
 }
 
 template <typename acc_t>
 struct ForwardWorkspace {
   Scratch<acc_t> qt, st, o, k, v, m, m_new, l, alpha, tmp;
+  Prefetcher pf;
   ForwardWorkspace(int64_t D, int64_t Dp)
       : qt(D * skewed<acc_t>(kQueryBlock)), st(kKeyTile * skewed<acc_t>(kQueryBlock)), o(kQueryBlock * Dp),
         k(kKeyTile * Dp), v(kKeyTile * Dp), m(kQueryBlock), m_new(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock),
@@ -523,12 +576,12 @@ inline ForwardTask forward_task(const Problem& p, int64_t blocks, int64_t t) {
 
 // Queries and first key tile of a forward task.
 template <typename scalar_t>
-inline void prefetch_forward_task(const Problem& p, const ForwardTask& f) {
+inline void prefetch_forward_task(Prefetcher& pf, const Problem& p, const ForwardTask& f) {
   if (f.nq == 0) return;
-  prefetch_rows(rows_of<const scalar_t>(p.q, f.b, f.h, f.e.q_start + f.r0), 0, f.nq, p.head_dim);
+  pf.add_rows(rows_of<const scalar_t>(p.q, f.b, f.h, f.e.q_start + f.r0), 0, f.nq, p.head_dim);
   Segment<scalar_t> seg[2];
   segments_of(p, f.e, f.b, f.h, seg);
-  prefetch_tile(seg, 0, p.head_dim);
+  prefetch_tile(pf, seg, 0, p.head_dim);
 }
 
 template <typename scalar_t>
@@ -542,8 +595,6 @@ void forward_kernel(const Problem& p) {
   auto task = [&](ForwardWorkspace<acc_t>& ws, int64_t t, int64_t t_next) {
     const ForwardTask f = forward_task(p, blocks, t);
     const int64_t b = f.b, h = f.h, r0 = f.r0, nq = f.nq;
-    prefetch_forward_task<scalar_t>(p, f);  // cheap when the previous task already did
-    if (t_next >= 0) prefetch_forward_task<scalar_t>(p, forward_task(p, blocks, t_next));
     Rows<scalar_t> out = rows_of<scalar_t>(p.out, b, h, f.e.q_start);
     Rows<acc_t> lse = lse_of<acc_t>(p.lse, b, h, f.e.q_start);
 
@@ -565,18 +616,25 @@ void forward_kernel(const Problem& p) {
     Segment<scalar_t> seg[2];
     segments_of(p, f.e, b, h, seg);
     const int64_t tiles = num_tiles(seg[0]) + num_tiles(seg[1]);
+    Prefetcher& pf = ws.pf;
     for (int64_t idx = 0; idx < tiles; ++idx) {
-      prefetch_tile(seg, idx + 1, D);
-      if (idx + 1 == tiles) prefetch_rows(out, r0, nq, D, /*for_write=*/true);
+      // While this tile computes: the next tile, or at the last one the output rows
+      // and the worker's next task.
+      prefetch_tile(pf, seg, idx + 1, D);
+      if (idx + 1 == tiles) {
+        pf.add_rows(out, r0, nq, D, /*for_write=*/true);
+        if (t_next >= 0) prefetch_forward_task<scalar_t>(pf, p, forward_task(p, blocks, t_next));
+      }
       const KeyTile<scalar_t> kv = key_tile(seg, idx);
       const int64_t nk = kv.nk;
+      pf.pace(gemm_calls<acc_t>(nk, Mq) + gemm_calls<acc_t>(nq, Dp));
       pack_rows(kv.k, nk, D, Dp, acc_t(1), kt);
       pack_rows(kv.v, nk, D, Dp, acc_t(1), vt);
       // St = K . Qt (nk x Mq) and its column max, then softmax, then O = alpha * O + P^T V.
       std::copy(m, m + Mq, m_new);
-      gemm<acc_t, Init::kZero>(nk, Mq, D, kt, Dp, 1, qt, ld, st, ld, nullptr, m_new);
+      gemm<acc_t, Init::kZero>(pf, nk, Mq, D, kt, Dp, 1, qt, ld, st, ld, nullptr, m_new);
       softmax_tile(st, nk, Mq, ld, m, m_new, l, alpha);
-      gemm<acc_t, Init::kLoadScaled>(nq, Dp, nk, st, 1, ld, vt, Dp, o, Dp, alpha);
+      gemm<acc_t, Init::kLoadScaled>(pf, nq, Dp, nk, st, 1, ld, vt, Dp, o, Dp, alpha);
     }
 
     // Every valid query sees at least its own key, so l > 0.
@@ -598,6 +656,7 @@ struct BackwardWorkspace {
   Scratch<acc_t> qt, dot, q, dout, lse, c, dq;
   // Key side of one tile, and the tile's St / dPt (kKeyTile x kQueryBlock).
   Scratch<acc_t> k, v, dk, dv, st, dpt, tmp;
+  Prefetcher pf;
   BackwardWorkspace(int64_t max_q, int64_t D, int64_t Dp)
       : qt(D * skewed<acc_t>(round_up(max_q, kQueryPad))), dot(D * skewed<acc_t>(round_up(max_q, kQueryPad))), q(max_q * Dp), dout(max_q * Dp),
         lse(round_up(max_q, kQueryPad)), c(round_up(max_q, kQueryPad)), dq(max_q * Dp), k(kKeyTile * Dp),
@@ -625,16 +684,16 @@ inline void softmax_backward_tile(acc_t* st, acc_t* dpt, int64_t nk, int64_t Mb,
 
 // Queries, their output and output gradient rows, and the first key tile of task t.
 template <typename scalar_t>
-inline void prefetch_backward_task(const Problem& p, int64_t t) {
+inline void prefetch_backward_task(Prefetcher& pf, const Problem& p, int64_t t) {
   const int64_t h = t % p.heads, b = t / p.heads;
   const Extent e = extent_of(p, b);
   if (e.q_len == 0) return;
   for (const RowsView* v : {&p.q, &p.dout, &p.out}) {
-    prefetch_rows(rows_of<const scalar_t>(*v, b, h, e.q_start), 0, e.q_len, p.head_dim);
+    pf.add_rows(rows_of<const scalar_t>(*v, b, h, e.q_start), 0, e.q_len, p.head_dim);
   }
   Segment<scalar_t> seg[2];
   segments_of(p, e, b, h, seg);
-  prefetch_tile(seg, 0, p.head_dim);
+  prefetch_tile(pf, seg, 0, p.head_dim);
 }
 
 template <typename scalar_t>
@@ -649,8 +708,6 @@ void backward_kernel(const Problem& p) {
     const int64_t h = t % H, b = t / H;
     const Extent e = extent_of(p, b);
     const int64_t nq = e.q_len, Mq = round_up(nq, kQueryPad), ldq = skewed<acc_t>(Mq);
-    prefetch_backward_task<scalar_t>(p, t);  // cheap when the previous task already did
-    if (t_next >= 0) prefetch_backward_task<scalar_t>(p, t_next);
     Segment<scalar_t> seg[2];
     segments_of(p, e, b, h, seg);
     const int64_t seg_start[2] = {e.c_start, e.q_start}, seg_owned[2] = {e.c_owned, e.q_owned};
@@ -688,24 +745,30 @@ void backward_kernel(const Problem& p) {
     acc_t *kt = ws.k.get(), *vt = ws.v.get(), *dk = ws.dk.get(), *dv = ws.dv.get();
     acc_t *st = ws.st.get(), *dpt = ws.dpt.get();
     const int64_t tiles = nq > 0 ? num_tiles(seg[0]) + num_tiles(seg[1]) : 0;
+    Prefetcher& pf = ws.pf;
     for (int64_t idx = 0; idx < tiles; ++idx) {
-      prefetch_tile(seg, idx + 1, D);
       const KeyTile<scalar_t> kv = key_tile(seg, idx);
       const int64_t nk = kv.nk, j0 = kv.j0;
-      prefetch_rows(dk_out[kv.segment], j0, nk, D, /*for_write=*/true);
-      prefetch_rows(dv_out[kv.segment], j0, nk, D, /*for_write=*/true);
+      // While this tile computes: its gradient rows, the next tile, and at the last
+      // tile the worker's next task.
+      pf.add_rows(dk_out[kv.segment], j0, nk, D, /*for_write=*/true);
+      pf.add_rows(dv_out[kv.segment], j0, nk, D, /*for_write=*/true);
+      prefetch_tile(pf, seg, idx + 1, D);
+      if (idx + 1 == tiles && t_next >= 0) prefetch_backward_task<scalar_t>(pf, p, t_next);
+      pf.pace((nq + kQueryBlock - 1) / kQueryBlock *
+              (2 * gemm_calls<acc_t>(nk, kQueryBlock) + 2 * gemm_calls<acc_t>(nk, Dp) + gemm_calls<acc_t>(kQueryBlock, Dp)));
       pack_rows(kv.k, nk, D, Dp, acc_t(1), kt);
       pack_rows(kv.v, nk, D, Dp, acc_t(1), vt);
       std::fill(dk, dk + nk * Dp, acc_t(0));
       std::fill(dv, dv + nk * Dp, acc_t(0));
       for (int64_t i0 = 0; i0 < nq; i0 += kQueryBlock) {
         const int64_t nb = std::min(kQueryBlock, nq - i0), Mb = round_up(nb, kQueryPad), ldb = skewed<acc_t>(Mb);
-        gemm<acc_t, Init::kZero>(nk, Mb, D, kt, Dp, 1, qt + i0, ldq, st, ldb);    // St = K . Qt
-        gemm<acc_t, Init::kZero>(nk, Mb, D, vt, Dp, 1, dot + i0, ldq, dpt, ldb);  // dPt = V . dOt
+        gemm<acc_t, Init::kZero>(pf, nk, Mb, D, kt, Dp, 1, qt + i0, ldq, st, ldb);    // St = K . Qt
+        gemm<acc_t, Init::kZero>(pf, nk, Mb, D, vt, Dp, 1, dot + i0, ldq, dpt, ldb);  // dPt = V . dOt
         softmax_backward_tile(st, dpt, nk, Mb, ldb, lse + i0, c + i0);
-        gemm<acc_t, Init::kLoad>(nk, Dp, nb, st, ldb, 1, dout + i0 * Dp, Dp, dv, Dp);  // dV += P^T dO
-        gemm<acc_t, Init::kLoad>(nk, Dp, nb, dpt, ldb, 1, q + i0 * Dp, Dp, dk, Dp);    // dK += dS^T (scale Q)
-        gemm<acc_t, Init::kLoad>(nb, Dp, nk, dpt, 1, ldb, kt, Dp, dq + i0 * Dp, Dp);   // dQ += dS K
+        gemm<acc_t, Init::kLoad>(pf, nk, Dp, nb, st, ldb, 1, dout + i0 * Dp, Dp, dv, Dp);  // dV += P^T dO
+        gemm<acc_t, Init::kLoad>(pf, nk, Dp, nb, dpt, ldb, 1, q + i0 * Dp, Dp, dk, Dp);    // dK += dS^T (scale Q)
+        gemm<acc_t, Init::kLoad>(pf, nb, Dp, nk, dpt, 1, ldb, kt, Dp, dq + i0 * Dp, Dp);   // dQ += dS K
       }
       for (int64_t j = 0; j < nk; ++j) {
         store_row(dk + j * Dp, D, acc_t(1), dk_out[kv.segment][j0 + j]);
