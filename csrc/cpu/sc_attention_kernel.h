@@ -367,7 +367,7 @@ enum class Init { kZero, kLoad, kLoadScaled };
 // col_max (optional): col_max[0:NV*W] = max(col_max, max over the MR rows of C), the
 // online softmax's tile max computed while C is still in registers.
 template <typename acc_t, int MR, int NV, Init INIT>
-inline void micro_kernel(int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
+C10_ALWAYS_INLINE void micro_kernel(int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
                          acc_t* C, int64_t ldc, const acc_t* row_scale, acc_t* col_max) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int W = Vec::size();
@@ -414,71 +414,77 @@ inline void micro_kernel(int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, 
   }
 }
 
-template <typename acc_t, int NV, Init INIT>
-inline void micro_kernel_rows(int64_t rows, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B,
-                              int64_t ldb, acc_t* C, int64_t ldc, const acc_t* row_scale, acc_t* col_max) {
-  static_assert(kMR <= 6, "add cases below");
-  switch (rows) {
-#define ENAT_MK_CASE(R)                                                                            \
-  case R:                                                                                          \
-    if constexpr (R <= kMR) micro_kernel<acc_t, R, NV, INIT>(K, A, a_row, a_k, B, ldb, C, ldc, row_scale, col_max); \
-    break;
-    ENAT_MK_CASE(1)
-    ENAT_MK_CASE(2)
-    ENAT_MK_CASE(3)
-    ENAT_MK_CASE(4)
-    ENAT_MK_CASE(5)
-    ENAT_MK_CASE(6)
-#undef ENAT_MK_CASE
-    default:
-      break;
+// One group of MR rows of C across N columns (full-width micro-kernels, then one of
+// width W if N is an odd number of vectors).
+template <typename acc_t, int MR, Init INIT>
+inline void row_panel(int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B, int64_t ldb,
+                      acc_t* C, int64_t ldc, const acc_t* row_scale, acc_t* col_max) {
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  int64_t n0 = 0;
+  for (; n0 + 2 * W <= N; n0 += 2 * W) {
+    micro_kernel<acc_t, MR, 2, INIT>(K, A, a_row, a_k, B + n0, ldb, C + n0, ldc, row_scale,
+                                     col_max ? col_max + n0 : nullptr);
   }
+  if (n0 < N) {
+    micro_kernel<acc_t, MR, 1, INIT>(K, A, a_row, a_k, B + n0, ldb, C + n0, ldc, row_scale,
+                                     col_max ? col_max + n0 : nullptr);
+  }
+}
+
+// Columns per panel: the block of B a panel reads (K x NC) stays in L1 (16 KiB)
+// while every row group of C passes over it.
+template <typename acc_t>
+inline int64_t panel_cols(int64_t K) {
+  constexpr int64_t W2 = 2 * at::vec::Vectorized<acc_t>::size();
+  return std::max<int64_t>(W2, 16 * 1024 / (static_cast<int64_t>(sizeof(acc_t)) * std::max<int64_t>(K, 1)) / W2 * W2);
+}
+
+// Row panels gemm runs for C[M x N] with inner dimension K (to pace the prefetcher).
+template <typename acc_t>
+inline int64_t gemm_steps(int64_t M, int64_t N, int64_t K) {
+  const int64_t nc = panel_cols<acc_t>(K);
+  return (M + kMR - 1) / kMR * ((N + nc - 1) / nc);
 }
 
 // C[M x N] (+)= A(M x K) . B[K x N]; N a multiple of the vector width, B and C
 // row-major with leading dimensions ldb, ldc; A element (r, k) at A[r*a_row + k*a_k].
-// Loop order keeps the reused operand in L1: B when it is small (rows of C visited
-// in the outer loop), otherwise one column strip of B at a time.
 // row_scale (kLoadScaled): per row of C; col_max (optional): per column of C, see
-// micro_kernel.  pf: advanced by one step after every micro-kernel call.
+// micro_kernel.  pf: advanced by one step after every row panel.
 template <typename acc_t, Init INIT>
 void gemm(Prefetcher& pf, int64_t M, int64_t N, int64_t K, const acc_t* A, int64_t a_row, int64_t a_k, const acc_t* B,
           int64_t ldb, acc_t* C, int64_t ldc, const acc_t* row_scale = nullptr, acc_t* col_max = nullptr) {
-  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
-  auto strip = [&](int64_t m0, int64_t mr, int64_t n0) {
-    const acc_t* rs = row_scale ? row_scale + m0 : nullptr;
-    acc_t* cm = col_max ? col_max + n0 : nullptr;
-    const acc_t* a = A + m0 * a_row;
-    acc_t* c = C + m0 * ldc + n0;
-    if (N - n0 >= 2 * W) {
-      micro_kernel_rows<acc_t, 2, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs, cm);
-    } else {
-      micro_kernel_rows<acc_t, 1, INIT>(mr, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs, cm);
-    }
-    pf.step();
-  };
-  auto next_n = [&](int64_t n0) { return n0 + (N - n0 >= 2 * W ? 2 * W : W); };
+  static_assert(kMR <= 6, "add cases below");
+  const int64_t NC = panel_cols<acc_t>(K);
   // Rows split into groups of equal size (+-1) rather than kMR, kMR, ..., remainder:
-  // a thin last group would waste most of its micro-kernel.
+  // a thin last group would waste most of its micro-kernels.
   const int64_t groups = (M + kMR - 1) / kMR;
-  auto group_rows = [&](int64_t g) { return M / groups + (g < M % groups ? 1 : 0); };
-  const bool b_fits_l1 = K * N * static_cast<int64_t>(sizeof(acc_t)) <= 24 * 1024;
-  if (b_fits_l1) {
-    for (int64_t g = 0, m0 = 0; g < groups; m0 += group_rows(g++)) {
-      for (int64_t n0 = 0; n0 < N; n0 = next_n(n0)) strip(m0, group_rows(g), n0);
-    }
-  } else {
-    for (int64_t n0 = 0; n0 < N; n0 = next_n(n0)) {
-      for (int64_t g = 0, m0 = 0; g < groups; m0 += group_rows(g++)) strip(m0, group_rows(g), n0);
+  for (int64_t n0 = 0; n0 < N; n0 += NC) {
+    const int64_t nc = std::min(NC, N - n0);
+    acc_t* cm = col_max ? col_max + n0 : nullptr;
+    for (int64_t g = 0, m0 = 0; g < groups; ++g) {
+      const int64_t mr = M / groups + (g < M % groups ? 1 : 0);
+      const acc_t* a = A + m0 * a_row;
+      acc_t* c = C + m0 * ldc + n0;
+      const acc_t* rs = row_scale ? row_scale + m0 : nullptr;
+      switch (mr) {
+#define ENAT_PANEL_CASE(R)                                                                          \
+  case R:                                                                                           \
+    if constexpr (R <= kMR) row_panel<acc_t, R, INIT>(nc, K, a, a_row, a_k, B + n0, ldb, c, ldc, rs, cm); \
+    break;
+        ENAT_PANEL_CASE(1)
+        ENAT_PANEL_CASE(2)
+        ENAT_PANEL_CASE(3)
+        ENAT_PANEL_CASE(4)
+        ENAT_PANEL_CASE(5)
+        ENAT_PANEL_CASE(6)
+#undef ENAT_PANEL_CASE
+        default:
+          break;
+      }
+      pf.step();
+      m0 += mr;
     }
   }
-}
-
-// Micro-kernel calls gemm makes for C[M x N] (to pace the prefetcher).
-template <typename acc_t>
-inline int64_t gemm_calls(int64_t M, int64_t N) {
-  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
-  return (M + kMR - 1) / kMR * ((N + 2 * W - 1) / (2 * W));
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -627,7 +633,7 @@ void forward_kernel(const Problem& p) {
       }
       const KeyTile<scalar_t> kv = key_tile(seg, idx);
       const int64_t nk = kv.nk;
-      pf.pace(gemm_calls<acc_t>(nk, Mq) + gemm_calls<acc_t>(nq, Dp));
+      pf.pace(gemm_steps<acc_t>(nk, Mq, D) + gemm_steps<acc_t>(nq, Dp, nk));
       pack_rows(kv.k, nk, D, Dp, acc_t(1), kt);
       pack_rows(kv.v, nk, D, Dp, acc_t(1), vt);
       // St = K . Qt (nk x Mq) and its column max, then softmax, then O = alpha * O + P^T V.
@@ -756,7 +762,8 @@ void backward_kernel(const Problem& p) {
       prefetch_tile(pf, seg, idx + 1, D);
       if (idx + 1 == tiles && t_next >= 0) prefetch_backward_task<scalar_t>(pf, p, t_next);
       pf.pace((nq + kQueryBlock - 1) / kQueryBlock *
-              (2 * gemm_calls<acc_t>(nk, kQueryBlock) + 2 * gemm_calls<acc_t>(nk, Dp) + gemm_calls<acc_t>(kQueryBlock, Dp)));
+              (2 * gemm_steps<acc_t>(nk, kQueryBlock, D) + 2 * gemm_steps<acc_t>(nk, Dp, kQueryBlock) +
+               gemm_steps<acc_t>(kQueryBlock, Dp, nk)));
       pack_rows(kv.k, nk, D, Dp, acc_t(1), kt);
       pack_rows(kv.v, nk, D, Dp, acc_t(1), vt);
       std::fill(dk, dk + nk * Dp, acc_t(0));
