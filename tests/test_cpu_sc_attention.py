@@ -169,8 +169,17 @@ def test_packed_lengths_beyond_the_tensor_are_clamped(gen):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_bitwise_deterministic_across_runs_and_threads(gen):
-    case = AttnCase("d", B=3, N=150, Nc=90, H=3, D=64, cond_lens=(90, 0, 41), self_lens=(150, 77, 1))
+@pytest.mark.parametrize(
+    "case",
+    [
+        AttnCase("ragged", B=3, N=150, Nc=90, H=3, D=64, cond_lens=(90, 0, 41), self_lens=(150, 77, 1)),
+        # One (b, h) pair: the forward splits its queries into smaller blocks when it
+        # has more than one thread, which must not change any bit.
+        AttnCase("one_pair", B=1, N=150, Nc=40, H=1, D=32),
+    ],
+    ids=str,
+)
+def test_bitwise_deterministic_across_runs_and_threads(case, gen):
     inputs = make_inputs(case, torch.float32, "cpu", gen)
     q, kc, vc, ks, vs, cl, sl = inputs
     dout = torch.randn(q.shape, generator=gen)

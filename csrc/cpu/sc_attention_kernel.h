@@ -7,31 +7,37 @@
 //
 //   Work is split into tasks; each task owns whole output rows, so no two tasks
 //   write the same element and nothing needs atomics.
-//   - forward:  task = (batch row, head, block of up to kQueryBlock queries).
+//   - forward:  task = (batch row, head, block of up to kQueryBlock queries); blocks
+//     shrink (down to 32) when there are fewer than two tasks per thread.
 //   - backward: task = (batch row, head).  dK/dV of a key are sums over all queries
 //     of its (b, h), dQ of a query a sum over all keys, so a whole (b, h) per task
-//     keeps every accumulation inside one task.
+//     keeps every accumulation inside one task, in a fixed order.  The cost: the
+//     backward has at most B * H parallel tasks (one thread when B * H = 1).
 //   Tasks are handed out dynamically (an atomic counter) because ragged rows make
 //   their costs uneven.  Every element is computed by the same sequence of
 //   operations whatever the task split, the thread count or the schedule, so
-//   forward and backward are bitwise deterministic run to run.  No atomics touch
-//   floating-point data.
+//   forward and backward are bitwise deterministic, run to run and across thread
+//   counts.  Nothing is nondeterministic; no atomics touch floating-point data.
 //
-//   Layouts.  The queries of a task are packed once, scaled by `scale` and transposed
-//   (Qt: D x Mq, Mq = queries rounded up to 16), so S is computed transposed,
-//   St = K . Qt (keys x queries): the key rows are the broadcast operand of the
-//   matmul micro-kernel, and the softmax statistics of a query live in one vector
-//   lane, updated for a whole tile with elementwise vector ops (no horizontal
-//   reductions).  Keys and values are visited in tiles of kKeyTile rows, cond
-//   segment first, then self segment, each tile packed (converted to the
-//   accumulation type, rows padded with zeros to Dp = D rounded up to the vector
-//   width) so it stays in L1 and a power-of-two token stride cannot alias the cache.
-//   The two segments are never concatenated: they are two loops over tiles feeding
-//   the same running (max, sum, output) state.
+//   Layouts.  The queries of a task are packed once, scaled by scale * log2(e) and
+//   transposed (Qt: D x Mq, Mq = queries rounded up to 16), so S is computed
+//   transposed, St = K . Qt (keys x queries): the key rows are the broadcast operand
+//   of the matmul micro-kernel, and the softmax statistics of a query live in one
+//   vector lane, updated for a whole tile with elementwise vector ops (no horizontal
+//   reductions); the tile's max comes out of the St matmul's epilogue.  Scores are in
+//   base 2 (exp2 is cheaper than exp); lse is converted back to natural log.  Keys
+//   and values are visited in tiles of kKeyTile rows, cond segment first, then self
+//   segment, each tile packed (converted to the accumulation type, rows padded with
+//   zeros to Dp = D rounded up to the vector width) so it stays in L1 and a
+//   power-of-two token stride cannot alias the cache.  The two segments are never
+//   concatenated: they are two loops over tiles feeding the same running
+//   (max, sum, output) state.  The next tile's rows are prefetched while the current
+//   one computes (see Prefetcher).
 //
 //   All matmuls go through one register-blocked micro-kernel
-//   (C[MR x NV*W] (+)= A[MR x K] . B[K x NV*W]) with A read element-wise through
-//   (row, k) strides, so transposed operands (P^T, dS^T) cost nothing extra.
+//   (C[MR x NV*W] (+)= A[MR x K] . B[K x NV*W], 6 x 16 floats on AVX2) with A read
+//   element-wise through (row, k) strides, so transposed operands (P^T, dS^T) cost
+//   nothing extra.
 //
 //   Accumulation is in float32 (float64 for float64 inputs).  Padding rows (beyond
 //   the lengths) are never read; padded query rows get out = 0 and lse = -inf; all
@@ -60,7 +66,8 @@ namespace enat_kernels::cpu_attn::CPU_CAPABILITY {
 
 // Keys per tile: a packed K and V tile (2 x kKeyTile x Dp) stays in L1/L2.
 constexpr int64_t kKeyTile = 64;
-// Queries per forward task (and per inner step of the backward).
+// Queries per forward task (at most; fewer when there would be too few tasks for the
+// threads) and per inner step of the backward.
 constexpr int64_t kQueryBlock = 128;
 // Query counts are padded to this multiple (the micro-kernel's widest column strip).
 constexpr int64_t kQueryPad = 16;
@@ -571,13 +578,13 @@ struct ForwardTask {
   Extent e;
 };
 
-inline ForwardTask forward_task(const Problem& p, int64_t blocks, int64_t t) {
+inline ForwardTask forward_task(const Problem& p, int64_t block, int64_t blocks, int64_t t) {
   ForwardTask f;
   f.b = t / (blocks * p.heads);
   f.h = (t / blocks) % p.heads;
   f.e = extent_of(p, f.b);
-  f.r0 = (t % blocks) * kQueryBlock;
-  f.r1 = std::min(f.r0 + kQueryBlock, f.e.q_owned);
+  f.r0 = (t % blocks) * block;
+  f.r1 = std::min(f.r0 + block, f.e.q_owned);
   f.nq = std::max<int64_t>(std::min(f.r1, f.e.q_len) - f.r0, 0);
   return f;
 }
@@ -597,12 +604,17 @@ void forward_kernel(const Problem& p) {
   using acc_t = acc_type_t<scalar_t>;
   constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
   const int64_t B = p.batch, H = p.heads, D = p.head_dim, Dp = round_up(D, W);
-  const int64_t blocks = (p.max_q + kQueryBlock - 1) / kQueryBlock;
+  // Smaller query blocks when (b, h) pairs alone would leave threads idle.  The
+  // result of a query does not depend on its block (its lane sees the same operations).
+  int64_t block = kQueryBlock;
+  auto blocks_of = [&](int64_t qb) { return (p.max_q + qb - 1) / qb; };
+  while (block > 2 * kQueryPad && B * H * blocks_of(block) < 2 * at::get_num_threads()) block /= 2;
+  const int64_t blocks = blocks_of(block);
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t scale2 = static_cast<acc_t>(p.scale * kLog2e);  // scores in base 2
 
   auto task = [&](ForwardWorkspace<acc_t>& ws, int64_t t, int64_t t_next) {
-    const ForwardTask f = forward_task(p, blocks, t);
+    const ForwardTask f = forward_task(p, block, blocks, t);
     const int64_t b = f.b, h = f.h, r0 = f.r0, nq = f.nq;
     Rows<scalar_t> out = rows_of<scalar_t>(p.out, b, h, f.e.q_start);
     Rows<acc_t> lse = lse_of<acc_t>(p.lse, b, h, f.e.q_start);
@@ -632,7 +644,7 @@ void forward_kernel(const Problem& p) {
       prefetch_tile(pf, seg, idx + 1, D);
       if (idx + 1 == tiles) {
         pf.add_rows(out, r0, nq, D, /*for_write=*/true);
-        if (t_next >= 0) prefetch_forward_task<scalar_t>(pf, p, forward_task(p, blocks, t_next));
+        if (t_next >= 0) prefetch_forward_task<scalar_t>(pf, p, forward_task(p, block, blocks, t_next));
       }
       const KeyTile<scalar_t> kv = key_tile(seg, idx);
       const int64_t nk = kv.nk;
