@@ -68,6 +68,12 @@
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 
+// at::vec's bfloat16 helpers return __m256 from lambdas, which GCC flags as an ABI
+// change; every caller here is compiled for AVX2 too.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #include "cpu/sc_attention_kernel.h"
 
 #if defined(__clang__)

@@ -610,7 +610,6 @@ void forward_kernel(const Problem& p) {
   auto blocks_of = [&](int64_t qb) { return (p.max_q + qb - 1) / qb; };
   while (block > 2 * kQueryPad && B * H * blocks_of(block) < 2 * at::get_num_threads()) block /= 2;
   const int64_t blocks = blocks_of(block);
-  const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t scale2 = static_cast<acc_t>(p.scale * kLog2e);  // scores in base 2
 
   auto task = [&](ForwardWorkspace<acc_t>& ws, int64_t t, int64_t t_next) {
