@@ -109,7 +109,7 @@ def test_gradcheck_packed(gen):
     torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
-# ----------------------------------------------------------------------------- larger shapes
+# ----------------------------------------------------------------------------- more shapes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
@@ -122,10 +122,11 @@ def test_gradcheck_packed(gen):
         # head_dim neither a multiple of the vector width nor of the register tile.
         AttnCase("odd_head_dim", B=2, N=131, Nc=70, H=3, D=37, cond_lens=(70, 1), self_lens=(131, 17)),
         AttnCase("head_dim_256", B=1, N=40, Nc=90, H=2, D=256),
+        AttnCase("head_dim_3", B=2, N=19, Nc=23, H=2, D=3, cond_lens=(23, 5), self_lens=(7, 19)),
     ],
     ids=str,
 )
-def test_large_against_oracle(case, dtype, gen, poison):
+def test_shapes_against_oracle(case, dtype, gen, poison):
     q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, "cpu", gen)
     dout = torch.randn(q.shape, generator=gen).to(dtype)
     dlse = torch.randn(case.B, case.H, case.N, generator=gen)
