@@ -17,6 +17,7 @@ logs the backend chosen for every call.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 import warnings
@@ -122,64 +123,97 @@ _warned: set[str] = set()
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)  # the caller of the public function
 
 
 def _cuda_attention_order(dtype: torch.dtype, head_dim: int, n_q: int, n_cond: int) -> tuple[str, ...]:
     """Preference between the two GPU backends for one SC-Attention shape.
 
     Until the CUDA C++ kernel has been measured against the Triton kernel on a GPU
-    (benchmarks/results/), Triton goes first.
+    (benchmarks/results/), Triton goes first.  n_q and n_cond are None under
+    torch.compile: the order must then be decided from dtype and head_dim alone.
     """
     return ("triton", "cuda")
 
 
 def _requested(backend: str | None) -> str | None:
     if backend is None:
-        backend = os.environ.get("ENAT_KERNELS_BACKEND") or None
-    if backend is not None and backend not in BACKENDS:
+        env = os.environ.get("ENAT_KERNELS_BACKEND") or None
+        if env is not None and env not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {env!r} from the environment variable ENAT_KERNELS_BACKEND")
+        return env
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
 
 
-def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: int, n_cond: int) -> str:
-    requested = _requested(backend)
-    dt = device.type
+# Under torch.compile, selection runs once per compiled graph, at trace time: the
+# choice depends only on constants (the requested name, device type, dtype, head_dim),
+# and Dynamo cannot trace the dispatcher queries, imports, warnings and logging it
+# uses, so the two _choose_* functions are marked constant-result and their answer is
+# baked into the graph.  They return (backend, None) or (None, error) rather than
+# raising, because an exception inside a constant-result function reaches the caller
+# as an internal Dynamo error.
+
+
+@torch.compiler.assume_constant_result
+def _choose_attention(requested, dt: str, dtype, head_dim: int, n_q, n_cond):
     if requested is not None:
         err = attention_error(requested, dt, dtype, head_dim)
         if err is not None:
-            raise ValueError(f"backend={requested!r} cannot run these inputs: {err}")
+            return None, f"backend={requested!r} cannot run these inputs: {err}"
         log.info("sc_attention: backend %s (forced)", requested)
-        return requested
+        return requested, None
     order = _cuda_attention_order(dtype, head_dim, n_q, n_cond) if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = attention_error(name, dt, dtype, head_dim)
         if err is None:
             log.info("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
-            return name
+            return name, None
         _warn_once(f"enat_kernels.sc_attention: skipping the {name} backend: {err}; using the next one")
     log.info("sc_attention: backend torch (auto fallback, reference math)")
-    return "torch"
+    return "torch", None
 
 
-def select_routing(backend, device: torch.device, op: str) -> str:
-    requested = _requested(backend)
-    dt = device.type
+def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: int, n_cond: int) -> str:
+    """The backend that runs SC-Attention; ValueError when a forced backend cannot.
+
+    n_q, n_cond are None under torch.compile (sequence lengths may be symbolic there,
+    and the choice must not specialize on them); head_dim is specialized.
+    """
+    if torch.compiler.is_compiling():
+        n_q = n_cond = None
+    name, err = _choose_attention(_requested(backend), device.type, dtype, operator.index(head_dim), n_q, n_cond)
+    if err is not None:
+        raise ValueError(err)
+    return name
+
+
+@torch.compiler.assume_constant_result
+def _choose_routing(requested, dt: str, op: str):
     if requested is not None:
         err = routing_error(requested, dt)
         if err is not None:
-            raise ValueError(f"backend={requested!r} cannot run {op}: {err}")
+            return None, f"backend={requested!r} cannot run {op}: {err}"
         log.info("%s: backend %s (forced)", op, requested)
-        return requested
+        return requested, None
     order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = routing_error(name, dt)
         if err is None:
             log.info("%s: backend %s (auto)", op, name)
-            return name
+            return name, None
         _warn_once(f"enat_kernels.{op}: skipping the {name} backend: {err}; using the next one")
     log.info("%s: backend torch (auto fallback)", op)
-    return "torch"
+    return "torch", None
+
+
+def select_routing(backend, device: torch.device, op: str) -> str:
+    """The backend that runs token routing op `op`; ValueError when a forced backend cannot."""
+    name, err = _choose_routing(_requested(backend), device.type, op)
+    if err is not None:
+        raise ValueError(err)
+    return name
 
 
 # ----------------------------------------------------------------------------- report
