@@ -165,10 +165,12 @@ def mask_to_indices_ref(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, t
 
 def gather_rows_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """out[b, i] = x[b, idx[b, i]], zeros where idx is -1.  x (B, L, C), idx (B, N)."""
-    C = x.shape[2]
     valid = (idx >= 0) & (idx < x.shape[1])  # out of range only with value checks off
-    safe = torch.where(valid, idx, torch.zeros_like(idx))[:, :, None].expand(-1, -1, C)
-    out = torch.gather(x, 1, safe)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
+    # Advanced indexing, not torch.gather: CPU gather of bfloat16 rewrites NaN bits,
+    # and rows are moved bit for bit.
+    out = x[rows, safe]
     return torch.where(valid[:, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -186,7 +188,10 @@ def scatter_rows_ref(
         if src is None:
             continue
         tgt = torch.where((idx >= 0) & (idx < seq_len), idx, torch.full_like(idx, seq_len))
-        out = out.scatter(1, tgt[:, :, None].expand(-1, -1, C), src)
+        rows = torch.arange(B, device=a.device)[:, None].expand_as(tgt)
+        # index_put, not scatter: CPU scatter of float16 rewrites the bits of NaNs it
+        # does not target, and rows are moved bit for bit.
+        out = out.index_put((rows, tgt), src)
     return out[:, :seq_len]
 
 
