@@ -216,6 +216,17 @@ def select_routing(backend, device: torch.device, op: str) -> str:
     return name
 
 
+def kernel(backend: str, op: str):
+    """The op `op` ("sc_attn_fwd", "gather_rows", ...) of a fused backend, to call.
+
+    Looked up through torch.ops, which Dynamo traces (the Triton package's `op()`
+    imports modules, which it cannot); selection has already imported the Triton
+    module that registers ``enat_kernels::triton_<op>``.
+    """
+    name = f"triton_{op}" if backend == "triton" else op
+    return getattr(torch.ops.enat_kernels, name).default
+
+
 # ----------------------------------------------------------------------------- report
 
 

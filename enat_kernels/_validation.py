@@ -31,12 +31,14 @@ def _env_default() -> bool:
 
 
 def value_checks_enabled() -> bool:
+    # Tracing first: Dynamo folds this to a constant, so the compiled graph does not
+    # guard on the thread-local switch below (a guard on it would recompile).
+    if torch.compiler.is_compiling():
+        return False
     enabled = getattr(_state, "enabled", None)
     if enabled is None:
         enabled = _state.enabled = _env_default()
     if not enabled:
-        return False
-    if torch.compiler.is_compiling():
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
@@ -89,10 +91,13 @@ def size(name: str, value, *, upper: int | None = None, upper_what: str = ""):
         return value
     if isinstance(value, bool) or isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    # ints pass as they are: operator.index on a symbolic size under torch.compile
+    # (which Dynamo presents as an int) would specialize the graph to its value.
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}")
     if upper is not None and value > upper:

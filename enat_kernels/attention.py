@@ -21,11 +21,7 @@ def _run(backend: str, varlen: bool, args: tuple):
         if varlen:
             return reference.sc_attention_varlen_ref(q, k_cond, v_cond, k_self, v_self, cu_q, cu_c, max_q, max_c, scale)
         return reference.sc_attention_ref(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, scale)
-    if backend == "triton":
-        from . import triton as _triton
-
-        return _triton.op("sc_attn_fwd")(*args)
-    return torch.ops.enat_kernels.sc_attn_fwd(*args)
+    return _dispatch.kernel(backend, "sc_attn_fwd")(*args)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

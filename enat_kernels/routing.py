@@ -27,12 +27,7 @@ def _ops(name: str):
     """(mask_to_indices, gather_rows, scatter_rows) of backend `name`."""
     if name == "torch":
         return reference.mask_to_indices_ref, reference.gather_rows_ref, reference.scatter_rows_ref
-    if name == "triton":
-        from . import triton as _triton
-
-        return _triton.op("mask_to_indices"), _triton.op("gather_rows"), _triton.op("scatter_rows")
-    ops = torch.ops.enat_kernels
-    return ops.mask_to_indices.default, ops.gather_rows.default, ops.scatter_rows.default
+    return tuple(_dispatch.kernel(name, op) for op in ("mask_to_indices", "gather_rows", "scatter_rows"))
 
 
 def _rows(name: str, x) -> tuple[torch.Tensor, tuple]:
