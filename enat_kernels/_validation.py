@@ -225,7 +225,7 @@ def ascending(name: str, idx: torch.Tensor) -> None:
         raise ValueError(f"{name} must be ascending with -1 padding at the end of each row; batch row {row} is not")
 
 
-def mask_count(mask_name: str, mask: torch.Tensor, count_name: str, count, *, value: bool = True) -> None:
+def mask_count(mask_name: str, mask: torch.Tensor, count_name: str, count, *, value: bool = True, hint: str = "") -> None:
     """Value check: no row of `mask` has more than `count` entries equal to `value`."""
     if not _reads(mask) or mask.numel() == 0:
         return
@@ -234,5 +234,5 @@ def mask_count(mask_name: str, mask: torch.Tensor, count_name: str, count, *, va
     if most > count:
         raise ValueError(
             f"{count_name} = {count} but a row of {mask_name} has {most} {value} entries; "
-            f"{count_name} must be at least the largest count in a row"
+            f"{count_name} must be at least the largest count in a row{hint}"
         )

@@ -208,12 +208,12 @@ def split_tokens(
     check.dim_equal("tokens", {"x.shape[1]": x3.shape[1], "mask.shape[1]": mask.shape[1]})
     L = mask.shape[1]
     num_true = check.size("num_true", num_true, upper=L, upper_what=" (the mask's length)")
-    false_name = "num_false"
+    hint = ""
     if num_false is None:
-        num_false, false_name = L - num_true, "num_false (by default L - num_true)"
+        num_false, hint = L - num_true, " (it defaults to L - num_true, exact only when every row has num_true True entries)"
     num_false = check.size("num_false", num_false, upper=L, upper_what=" (the mask's length)")
     check.mask_count("mask", mask, "num_true", num_true, value=True)
-    check.mask_count("mask", mask, false_name, num_false, value=False)
+    check.mask_count("mask", mask, "num_false", num_false, value=False, hint=hint)
     t_idx, t_len = _mask_to_indices(mask, num_true, backend, "split_tokens")
     f_idx, f_len = _mask_to_indices(~mask, num_false, backend, "split_tokens")
     return TokenSplit(

@@ -192,7 +192,7 @@ CASES = [
     ("split-num-true-beyond", split(num_true=6), ValueError, "num_true must lie in [0, 5] (the mask's length), got 6"),
     ("split-num-true-too-small", split(num_true=2), ValueError, "num_true = 2 but a row of mask has 3 True entries"),
     ("split-num-false-too-small", split(num_false=2), ValueError, "num_false = 2 but a row of mask has 3 False entries"),
-    ("split-num-false-default", split(mask=mask(((1, 0, 0, 0, 0), (1, 1, 1, 0, 0)))), ValueError, "num_false (by default L - num_true) = 2 but a row of mask has 4 False entries"),
+    ("split-num-false-default", split(mask=mask(((1, 0, 0, 0, 0), (1, 1, 1, 0, 0)))), ValueError, "num_false = 2 but a row of mask has 4 False entries; num_false must be at least the largest count in a row (it defaults to L - num_true"),
     # -- SCAttention
     ("module-heads-zero", lambda: ek.SCAttention(16, 0), ValueError, "dim and num_heads must be positive, got dim=16, num_heads=0"),
     ("module-not-divisible", lambda: ek.SCAttention(16, 3), ValueError, "dim (16) must be divisible by num_heads (3)"),
