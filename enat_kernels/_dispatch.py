@@ -48,7 +48,7 @@ class AttentionCaps:
 
 ATTENTION_CAPS = {
     "triton": AttentionCaps((torch.float16, torch.bfloat16, torch.float32), (16, 32, 64, 128)),
-    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),
+    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),  # sm_80+, csrc/cuda/sc_attention.h
     "cpu": AttentionCaps((torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
     "torch": AttentionCaps((torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 1 << 30),
 }
@@ -72,7 +72,11 @@ def backend_error(name: str, device_type: str) -> str | None:
     if name == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
-        return _extension.cuda_extension_error()
+        err = _extension.cuda_extension_error()
+        if err is None and not torch.cuda.is_available():
+            archs = _extension.build_info().get("CUDA_ARCHS")
+            return f"extension loaded (compiled for {archs}), but no CUDA device is visible"
+        return err
     if name == "triton":
         from . import triton as _triton
 
@@ -130,8 +134,10 @@ def _cuda_attention_order(dtype: torch.dtype, head_dim: int, n_q: int, n_cond: i
     """Preference between the two GPU backends for one SC-Attention shape.
 
     Until the CUDA C++ kernel has been measured against the Triton kernel on a GPU
-    (benchmarks/results/), Triton goes first.  n_q and n_cond are None under
-    torch.compile: the order must then be decided from dtype and head_dim alone.
+    (benchmarks/results/), Triton goes first.  The measured per-shape rule (and the
+    CUDA kernel's tiling it depends on) goes in csrc/cuda/NOTES.md, "Backend order".
+    n_q and n_cond are None under torch.compile: the order must then be decided from
+    dtype and head_dim alone.
     """
     return ("triton", "cuda")
 
@@ -257,10 +263,6 @@ def backends() -> dict[str, BackendStatus]:
         err = backend_error(name, dt)
         if err is not None:
             out[name] = BackendStatus(False, err)
-            continue
-        if name == "cuda" and not torch.cuda.is_available():
-            archs = _extension.build_info().get("CUDA_ARCHS")
-            out[name] = BackendStatus(False, f"extension loaded (compiled for {archs}), but no CUDA device is visible")
             continue
         if name == "torch":
             out[name] = BackendStatus(True, "reference PyTorch math, every device")

@@ -98,10 +98,10 @@ def size(name: str, value, *, upper: int | None = None, upper_what: str = ""):
             value = operator.index(value)
         except TypeError:
             raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if upper is not None and not 0 <= value <= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}]{upper_what}, got {value}")
     if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name} must lie in [0, {upper}]{upper_what}, got {value}")
     return value
 
 
@@ -225,14 +225,20 @@ def ascending(name: str, idx: torch.Tensor) -> None:
         raise ValueError(f"{name} must be ascending with -1 padding at the end of each row; batch row {row} is not")
 
 
-def mask_count(mask_name: str, mask: torch.Tensor, count_name: str, count, *, value: bool = True, hint: str = "") -> None:
-    """Value check: no row of `mask` has more than `count` entries equal to `value`."""
+def mask_counts(mask: torch.Tensor, true_bound: tuple | None, false_bound: tuple | None = None, *, hint: str = "") -> None:
+    """Value check: no row of `mask` has more True (False) entries than its bound.
+
+    true_bound, false_bound: (argument name, bound) or None.  One host sync for both.
+    hint: appended to the message about the False bound.
+    """
     if not _reads(mask) or mask.numel() == 0:
         return
-    n = mask.sum(dim=1) if value else mask.shape[1] - mask.sum(dim=1)
-    most = int(n.max())
-    if most > count:
-        raise ValueError(
-            f"{count_name} = {count} but a row of {mask_name} has {most} {value} entries; "
-            f"{count_name} must be at least the largest count in a row{hint}"
-        )
+    n_true = mask.sum(dim=1)
+    most_true, most_false = torch.stack([n_true.max(), mask.shape[1] - n_true.min()]).tolist()
+    for bound, most, kind, extra in ((true_bound, most_true, True, ""), (false_bound, most_false, False, hint)):
+        if bound is not None and most > bound[1]:
+            name, count = bound
+            raise ValueError(
+                f"{name} = {count} but a row of mask has {most} {kind} entries; "
+                f"{name} must be at least the largest count in a row{extra}"
+            )

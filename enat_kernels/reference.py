@@ -164,8 +164,12 @@ def mask_to_indices_ref(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, t
 
 
 def gather_rows_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """out[b, i] = x[b, idx[b, i]], zeros where idx is -1.  x (B, L, C), idx (B, N)."""
-    valid = (idx >= 0) & (idx < x.shape[1])  # out of range only with value checks off
+    """out[b, i] = x[b, idx[b, i]], zeros where idx is -1 (or outside [0, L): invalid
+    input, which the contract says gives zeros, not an error).  x (B, L, C), idx (B, N)."""
+    L = x.shape[1]
+    if L == 0:  # nothing to read; every row is zero
+        return x.new_zeros(x.shape[0], idx.shape[1], x.shape[2])
+    valid = (idx >= 0) & (idx < L)
     safe = torch.where(valid, idx, torch.zeros_like(idx))
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
     # Advanced indexing, not torch.gather: CPU gather of bfloat16 rewrites NaN bits,
@@ -192,7 +196,7 @@ def scatter_rows_ref(
         # index_put, not scatter: CPU scatter of float16 rewrites the bits of NaNs it
         # does not target, and rows are moved bit for bit.
         out = out.index_put((rows, tgt), src)
-    return out[:, :seq_len]
+    return out[:, :seq_len].contiguous()  # the contract promises a contiguous result
 
 
 def merge_ranks_ref(idx_a: torch.Tensor, idx_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,7 +101,7 @@ def mask_to_indices(mask: torch.Tensor, count: int, *, backend: str | None = Non
     """
     check.tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
     count = check.size("count", count, upper=mask.shape[1], upper_what=" (the mask's length)")
-    check.mask_count("mask", mask, "count", count)
+    check.mask_counts(mask, ("count", count))
     return _mask_to_indices(mask, count, backend, "mask_to_indices")
 
 
@@ -212,8 +212,7 @@ def split_tokens(
     if num_false is None:
         num_false, hint = L - num_true, " (it defaults to L - num_true, exact only when every row has num_true True entries)"
     num_false = check.size("num_false", num_false, upper=L, upper_what=" (the mask's length)")
-    check.mask_count("mask", mask, "num_true", num_true, value=True)
-    check.mask_count("mask", mask, "num_false", num_false, value=False, hint=hint)
+    check.mask_counts(mask, ("num_true", num_true), ("num_false", num_false), hint=hint)
     t_idx, t_len = _mask_to_indices(mask, num_true, backend, "split_tokens")
     f_idx, f_len = _mask_to_indices(~mask, num_false, backend, "split_tokens")
     return TokenSplit(

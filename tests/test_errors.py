@@ -151,7 +151,7 @@ CASES = [
     ("mask-dtype", lambda: ek.mask_to_indices(mask().to(torch.uint8), 3), TypeError, "mask must have dtype in (bool), got uint8"),
     ("mask-rank", lambda: ek.mask_to_indices(mask()[0], 3), ValueError, "mask must have 2 dimensions, got shape (5,)"),
     ("mask-count-type", lambda: ek.mask_to_indices(mask(), 3.0), TypeError, "count must be an int, got float"),
-    ("mask-count-negative", lambda: ek.mask_to_indices(mask(), -1), ValueError, "count must be non-negative, got -1"),
+    ("mask-count-negative", lambda: ek.mask_to_indices(mask(), -1), ValueError, "count must lie in [0, 5] (the mask's length), got -1"),
     ("mask-count-beyond", lambda: ek.mask_to_indices(mask(), 6), ValueError, "count must lie in [0, 5] (the mask's length), got 6"),
     ("mask-count-too-small", lambda: ek.mask_to_indices(mask(), 2), ValueError, "count = 2 but a row of mask has 3 True entries"),
     # -- gather_tokens

@@ -61,8 +61,9 @@ at::Tensor scatter_rows_cuda(const at::Tensor& a, const at::Tensor& idx_a, const
   if (b.has_value()) {
     check_rows(*b, "b");
     check_idx(*idx_b, *b, "idx_b");
-    TORCH_CHECK(b->scalar_type() == a.scalar_type() && b->size(0) == B && b->size(2) == a.size(2),
-                "b must match a in dtype, batch and row size");
+    TORCH_CHECK(b->scalar_type() == a.scalar_type() && b->device() == a.device() && b->size(0) == B &&
+                    b->size(2) == a.size(2),
+                "b must match a in dtype, device, batch and row size");
     TORCH_CHECK(idx_b->size(1) == b->size(1), "idx_b must have one entry per row of b");
     C10_CUDA_CHECK(cuda::copy_rows(out.data_ptr(), b->data_ptr(), idx_b->data_ptr<int64_t>(), B, b->size(1),
                                    b->size(1), seq_len, row_bytes, /*scatter=*/true, stream));

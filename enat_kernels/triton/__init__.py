@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -47,6 +48,9 @@ def _module(op: str):
     name = _MODULES.get(op)
     if name is None:
         return None
+    loaded = sys.modules.get(f"{__name__}.{name}")
+    if loaded is not None:  # no importlib call: torch.compile traces this path without a graph break
+        return loaded
     try:
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as e:
@@ -55,6 +59,7 @@ def _module(op: str):
         raise
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it at trace time (it imports)
 def has_op(op: str) -> bool:
     mod = _module(op)
     return mod is not None and op in getattr(mod, "OPS", {})

@@ -1,0 +1,68 @@
+// Launchers of the CUDA SC-Attention kernels (sc_attention_fwd*.cu, sc_attention_bwd*.cu).
+// Plain pointers, strides and a stream, no torch headers, so the .cu files compile
+// quickly; sc_attention_api.cpp adapts tensors and registers the ops.  The contract
+// (what is computed, padding, empty cases) is docs/KERNEL_CONTRACT.md; the design,
+// tiling and the compiler's resource report are in csrc/cuda/NOTES.md.
+//
+// Algorithm (flash-attention 2 style, tensor cores mma.sync m16n8k16, fp32 accumulate):
+// - forward: one thread block per 64 query rows of one (sequence, head).  K/V tiles of
+//   the cond segment, then of the self segment, each read from its own tensor, stream
+//   through shared memory (cp.async, double-buffered) into one online softmax.
+// - backward, two kernels, no atomics, deterministic:
+//   1. dQ: query-stationary like the forward; also computes
+//      delta_i = sum_d dout_i * out_i - dlse_i and stores it for kernel 2.
+//   2. dK/dV: key-stationary, one block per 64-key tile of either segment, streaming
+//      the query tiles (Q, dout, lse, delta).
+//   Each gradient element is written by exactly one thread: no atomics, results are
+//   bitwise reproducible run to run.
+//
+// Supported: float16 and bfloat16, head_dim 32, 64, 128, sm_80 and newer.  Inputs need
+// a 16-byte aligned base pointer and batch/token/head strides that are multiples of 8
+// elements (unit stride along head_dim); the adapter copies inputs that are not.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "cuda/sc_attention_params.h"
+
+namespace enat_kernels::cuda {
+
+// Per head_dim launchers, one .cu file each (compiled in parallel).  Each returns the
+// first failing launch's cudaError_t, cudaSuccess without launching when there is no
+// work.  Stream-ordered, no host synchronization, capturable in a CUDA graph.  The
+// backward launches its two kernels on `stream` in order (dQ writes delta, dK/dV reads it).
+template <int D>
+cudaError_t sc_attn_fwd_hdim(const ScAttnFwdParams& p, AttnDtype dtype, cudaStream_t stream);
+template <int D>
+cudaError_t sc_attn_bwd_hdim(const ScAttnBwdParams& p, AttnDtype dtype, cudaStream_t stream);
+
+// Defined by explicit instantiation in their own .cu files; this keeps every other
+// translation unit from instantiating them again.
+extern template cudaError_t sc_attn_fwd_hdim<32>(const ScAttnFwdParams&, AttnDtype, cudaStream_t);
+extern template cudaError_t sc_attn_fwd_hdim<64>(const ScAttnFwdParams&, AttnDtype, cudaStream_t);
+extern template cudaError_t sc_attn_fwd_hdim<128>(const ScAttnFwdParams&, AttnDtype, cudaStream_t);
+extern template cudaError_t sc_attn_bwd_hdim<32>(const ScAttnBwdParams&, AttnDtype, cudaStream_t);
+extern template cudaError_t sc_attn_bwd_hdim<64>(const ScAttnBwdParams&, AttnDtype, cudaStream_t);
+extern template cudaError_t sc_attn_bwd_hdim<128>(const ScAttnBwdParams&, AttnDtype, cudaStream_t);
+
+inline bool sc_attn_supported(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
+
+// Dispatch on head_dim; cudaErrorInvalidValue for one without kernels.
+inline cudaError_t sc_attn_fwd(const ScAttnFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: return sc_attn_fwd_hdim<32>(p, dtype, stream);
+    case 64: return sc_attn_fwd_hdim<64>(p, dtype, stream);
+    case 128: return sc_attn_fwd_hdim<128>(p, dtype, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+inline cudaError_t sc_attn_bwd(const ScAttnBwdParams& p, AttnDtype dtype, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: return sc_attn_bwd_hdim<32>(p, dtype, stream);
+    case 64: return sc_attn_bwd_hdim<64>(p, dtype, stream);
+    case 128: return sc_attn_bwd_hdim<128>(p, dtype, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace enat_kernels::cuda

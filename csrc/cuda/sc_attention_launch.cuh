@@ -1,0 +1,82 @@
+// __global__ wrappers of the SC-Attention block bodies and their launchers, included by
+// one .cu file per head_dim (sc_attention_fwd_hdim*.cu, sc_attention_bwd_hdim*.cu).
+#pragma once
+#include <atomic>
+#include <climits>
+
+#include "cuda/sc_attention.h"
+#include "cuda/sc_attention_kernels.cuh"
+
+namespace enat_kernels::cuda {
+namespace sca {
+
+template <class Cfg, class E>
+__global__ void __launch_bounds__(Cfg::kThreads) fwd_kernel(const ScAttnFwdParams p) {
+  extern __shared__ __align__(16) char smem[];
+  fwd_block<Cfg, E>(p, smem, blockIdx.x, threadIdx.x);
+}
+
+template <class Cfg, class E>
+__global__ void __launch_bounds__(Cfg::kThreads) bwd_dq_kernel(const ScAttnBwdParams p) {
+  extern __shared__ __align__(16) char smem[];
+  bwd_dq_block<Cfg, E>(p, smem, blockIdx.x, threadIdx.x);
+}
+
+template <class Cfg, class E>
+__global__ void __launch_bounds__(Cfg::kThreads) bwd_dkv_kernel(const ScAttnBwdParams p) {
+  extern __shared__ __align__(16) char smem[];
+  bwd_dkv_block<Cfg, E>(p, smem, blockIdx.x, threadIdx.x);
+}
+
+// One launch of a one-dimensional grid; nothing for an empty grid.  Dynamic shared
+// memory above the default 48 KiB needs a per-kernel opt-in: set once per device (a host
+// call, not stream-ordered; after the first, warm-up launch it stays out of graph captures).
+// 99 KiB is the per-block opt-in limit of sm_86 / sm_89, which run the sm_80 binary.
+template <class Cfg, auto Kernel, class Params>
+cudaError_t launch(int64_t blocks, const Params& p, cudaStream_t stream) {
+  static_assert(Cfg::kSmemBytes <= 99 * 1024, "shared memory beyond the sm_86/sm_89 limit");
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  if constexpr (Cfg::kSmemBytes > 48 * 1024) {
+    static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+    if (bit == 0 || (opted_in.load(std::memory_order_acquire) & bit) == 0) {
+      err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
+      if (err != cudaSuccess) return err;
+      opted_in.fetch_or(bit, std::memory_order_release);
+    }
+  }
+  Kernel<<<static_cast<unsigned>(blocks), Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace sca
+
+template <int D>
+cudaError_t sc_attn_fwd_hdim(const ScAttnFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
+  using Cfg = sca::FwdCfg<D>;
+  const int64_t blocks = sca::fwd_blocks<D>(p.seqs);
+  if (dtype == AttnDtype::kFloat16) return sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Fp16>>(blocks, p, stream);
+  return sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Bf16>>(blocks, p, stream);
+}
+
+template <int D>
+cudaError_t sc_attn_bwd_hdim(const ScAttnBwdParams& p, AttnDtype dtype, cudaStream_t stream) {
+  using DqCfg = sca::BwdDqCfg<D>;
+  using DkvCfg = sca::BwdDkvCfg<D>;
+  const int64_t dq_blocks = sca::bwd_dq_blocks<D>(p.seqs), dkv_blocks = sca::bwd_dkv_blocks<D>(p.seqs);
+  cudaError_t err;
+  if (dtype == AttnDtype::kFloat16) {
+    err = sca::launch<DqCfg, sca::bwd_dq_kernel<DqCfg, sca::Fp16>>(dq_blocks, p, stream);
+    if (err == cudaSuccess) err = sca::launch<DkvCfg, sca::bwd_dkv_kernel<DkvCfg, sca::Fp16>>(dkv_blocks, p, stream);
+  } else {
+    err = sca::launch<DqCfg, sca::bwd_dq_kernel<DqCfg, sca::Bf16>>(dq_blocks, p, stream);
+    if (err == cudaSuccess) err = sca::launch<DkvCfg, sca::bwd_dkv_kernel<DkvCfg, sca::Bf16>>(dkv_blocks, p, stream);
+  }
+  return err;
+}
+
+}  // namespace enat_kernels::cuda

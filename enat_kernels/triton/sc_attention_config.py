@@ -1,0 +1,149 @@
+"""Launch configuration of the SC-Attention Triton kernels: block sizes, warps, stages.
+
+Chosen from a small table keyed by (GPU family, head_dim, dtype) only.  Sequence
+lengths are deliberately NOT part of the key: ENAT's lengths change at every
+sampling step (the encoder sees ~5-50 newly revealed tokens against 0-250 cached
+ones, the decoder the reverse), and a configuration that followed them would
+recompile the kernels between steps, and under ``torch.compile`` would guard on the
+lengths.
+
+Why these sizes.  They have not been timed on a GPU yet (none was available); they
+were checked by compiling every entry ahead of time for sm_90 and sm_80 and reading
+ptxas's report: no register spills for 16-bit inputs, wgmma on Hopper, pipelined
+cp.async loads and 16-byte vector loads (tests/test_triton_sc_attention.py keeps
+checking a few entries this way).
+
+- ENAT's attention is short and memory-bound: at Nq = 128, Nc = 128, D = 64 one
+  (row, head) does ~90 FLOP per byte of Q/K/V/O, below an H100's ridge (~300), and
+  the encoder with reuse has only ~32 queries per row.  BLOCK_M = 64 wastes half as
+  much of the tile on missing queries as 128 would; a second query block of the
+  same (row, head) is the next program, so its K/V re-reads mostly hit L2.
+  BLOCK_N = 64 keys per step, fp32 accumulation, fp16/bf16 operands for tl.dot.
+- Backward: 64 keys per dK/dV program with query steps of 32 (and 64 queries per dQ
+  program with key steps of 32): 64 x 64 steps need ~60 % more registers on sm_90
+  and spill on sm_80, where mma.sync keeps operands in registers; there the steps
+  are 16 at head_dim 64 (3 programs per SM instead of 1 with 8 warps), and head_dim
+  128 needs 32-key dK/dV programs with 8 warps.
+- Families: "hopper" (compute capability 9.x/10.x: H100/H200/B200, >= 228 KB shared
+  memory per SM) may use up to 130 KB of shared memory per program; "ampere" (every
+  other GPU: A100, consumer cards with ~100 KB) stays under 64 KB and uses 8 warps
+  where 4 would spill on mma.sync.  The interpreter uses the "hopper" table.
+- float32 inputs use IEEE fp32 dots (``input_precision="ieee"``), not TF32: the
+  accuracy rule compares with PyTorch's float32 matmul, which does not use TF32 by
+  default.  These are FMA dots without tensor cores and spill registers in the
+  backward: float32 is for exactness, float16/bfloat16 for speed.
+
+Specialization rule (what keeps one compiled variant per configuration):
+
+Triton specializes integer arguments equal to 1 or divisible by 16, and pointers
+aligned to 16 bytes.  Every integer argument whose value follows the sequence
+lengths is listed in ``NO_SPECIALIZE`` (applied with ``triton.jit(do_not_specialize=
+...)``): the (max) sequence lengths, the packed totals and the strides of lse/delta
+(which are N or Tq).  The strides of Q/K/V/O and their gradients stay specialized on
+purpose: divisibility by 16 is what lets the compiler emit 16-byte vector loads, and
+it does not depend on the lengths: head_dim is a multiple of 16, so a head stride,
+token stride (H*D, or a multiple of it for a fused projection view) and batch stride
+(N*H*D) keep the same divisibility whatever N is.  The remaining variants come from
+the API, not from lengths: dense or packed, with or without cond_lens / self_lens /
+dlse.  tests/test_triton_sc_attention.py computes Triton's own specialization key of
+real launches at different lengths and checks it does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Integer kernel arguments that vary with the sequence lengths (never specialized).
+NO_SPECIALIZE = ("seqlen_q", "seqlen_c", "total_q", "total_c", "stride_lb", "stride_lh")
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    block_m: int  # queries per program
+    block_n: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+    dot_precision: str
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    dkdv_block_n: int  # keys per dK/dV program
+    dkdv_block_m: int  # queries per dK/dV inner-loop step
+    dkdv_warps: int
+    dq_block_m: int  # queries per dQ program (and per delta program)
+    dq_block_n: int  # keys per dQ inner-loop step
+    dq_warps: int
+    num_stages: int
+    dot_precision: str
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit dots
+
+
+_16, _32 = False, True  # the "fp32?" part of a key
+
+# (family, head_dim, fp32?) -> (block_m, block_n, num_warps, num_stages)
+_FORWARD = {
+    ("hopper", 16, _16): (64, 64, 4, 3),
+    ("hopper", 32, _16): (64, 64, 4, 3),
+    ("hopper", 64, _16): (64, 64, 4, 3),
+    ("hopper", 128, _16): (64, 64, 4, 3),
+    ("ampere", 16, _16): (64, 64, 4, 3),
+    ("ampere", 32, _16): (64, 64, 4, 3),
+    ("ampere", 64, _16): (64, 64, 4, 3),
+    ("ampere", 128, _16): (64, 32, 8, 2),
+}
+# (family, head_dim, fp32?) -> (dkdv_block_n, dkdv_block_m, dkdv_warps, dq_block_m, dq_block_n, dq_warps, num_stages)
+_BACKWARD = {
+    ("hopper", 16, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("hopper", 32, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("hopper", 64, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("hopper", 128, _16): (64, 32, 8, 64, 32, 8, 2),
+    ("ampere", 16, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("ampere", 32, _16): (64, 32, 4, 64, 32, 4, 2),
+    ("ampere", 64, _16): (64, 16, 4, 64, 16, 4, 2),
+    ("ampere", 128, _16): (32, 32, 8, 32, 16, 4, 2),
+}
+for _fam in ("hopper", "ampere"):
+    for _d in (16, 32, 64, 128):
+        _warps = 4 if _d <= 32 else 8
+        _FORWARD[(_fam, _d, _32)] = (32, 32, _warps, 2)
+        _BACKWARD[(_fam, _d, _32)] = (32, 32, _warps, 32, 32, _warps, 1)
+
+_FAMILIES: dict = {}
+
+
+def gpu_family(device: torch.device) -> str:
+    """Which table applies to a device ("hopper" for the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return "hopper"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    family = _FAMILIES.get(index)
+    if family is None:
+        major = torch.cuda.get_device_capability(index)[0]
+        family = _FAMILIES[index] = "hopper" if major in (9, 10) else "ampere"
+    return family
+
+
+def _key(device: torch.device, head_dim: int, dtype: torch.dtype):
+    key = (gpu_family(device), int(head_dim), dtype == torch.float32)
+    if key not in _FORWARD or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"the triton SC-Attention kernels support head_dim in (16, 32, 64, 128) and "
+            f"float16/bfloat16/float32, got head_dim {head_dim} and {dtype}"
+        )
+    return key
+
+
+def forward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> ForwardConfig:
+    """The forward kernel's configuration; never depends on sequence lengths."""
+    return ForwardConfig(*_FORWARD[_key(device, head_dim, dtype)], _precision(dtype))
+
+
+def backward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> BackwardConfig:
+    """The backward kernels' configuration; never depends on sequence lengths."""
+    return BackwardConfig(*_BACKWARD[_key(device, head_dim, dtype)], _precision(dtype))
