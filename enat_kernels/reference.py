@@ -167,8 +167,8 @@ def gather_rows_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """out[b, i] = x[b, idx[b, i]], zeros where idx is -1 (or outside [0, L): invalid
     input, which the contract says gives zeros, not an error).  x (B, L, C), idx (B, N)."""
     L = x.shape[1]
-    if L == 0:  # nothing to read; every row is zero
-        return x.new_zeros(x.shape[0], idx.shape[1], x.shape[2])
+    if L == 0:  # nothing to read: index a zero row instead (a new tensor would cut autograd)
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
     valid = (idx >= 0) & (idx < L)
     safe = torch.where(valid, idx, torch.zeros_like(idx))
     rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)

@@ -43,16 +43,16 @@ def _families(backend: str):
     """(attention backend, routing backend) for the step: `backend` for each op family
     it implements here, automatic choice for the other; skip if it implements neither."""
     dev = device_for(backend)
-    if backend == "triton" and dev == "cpu":
-        pytest.skip(
-            "torch.compile cannot trace Triton ops under TRITON_INTERPRET=1: fake-tensor tracing runs the "
-            "triton_op body, whose interpreted launch reads data pointers (a 5-line torch.library.triton_op "
-            "fails the same way with every compile backend); runs on a GPU"
-        )
     attn_ok = _dispatch.attention_error(backend, dev, torch.float32, D) is None
     route_ok = _dispatch.routing_error(backend, dev) is None
+    if backend == "triton" and dev == "cpu":
+        # Under TRITON_INTERPRET=1 a triton_op is traced by running its body, whose
+        # interpreted launch needs real memory; enat_kernels/triton/sc_attention.py makes
+        # its ops opaque there (fake + no functional decomposition), the routing ops do
+        # not, so the routing side of the step runs on the automatic (cpu) backend.
+        route_ok = False
     if not (attn_ok or route_ok):
-        pytest.skip(_dispatch.routing_error(backend, dev))
+        pytest.skip(_dispatch.routing_error(backend, dev) or _dispatch.attention_error(backend, dev, torch.float32, D))
     return dev, (backend if attn_ok else None), (backend if route_ok else None)
 
 
@@ -134,19 +134,22 @@ def test_mark_dynamic_sequence_lengths_do_not_recompile(backend):
     assert counter.graphs == 1
 
 
-def test_inductor_forward_and_backward(monkeypatch):
+def test_inductor_forward_and_backward():
     """The default compiler (inductor) with the automatic backends: same values and
     gradients as eager (inductor fuses the surrounding math, hence a tolerance)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     step = make_step(None, None)
     compiled = torch.compile(step, fullgraph=True)
-    # One small graph: compiling in this process beats starting a pool of workers.
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
     ins = make_inputs(2, 10, 6, dev, 0, requires_grad=True)
     leaves = [ins[i] for i in (0, 2, 3, 4)]
-    got, want = compiled(*ins), step(*ins)
+    # One small graph: compiling in this process beats starting a pool of workers.
+    # (config.patch, not monkeypatch: the config module cannot have attributes deleted.)
+    with torch._inductor.config.patch(compile_threads=1):
+        got = compiled(*ins)
+        g_got = torch.autograd.grad(_loss(got, dev), leaves)
+    want = step(*ins)
     _assert_same(got, want, exact=False)
-    _assert_same(torch.autograd.grad(_loss(got, dev), leaves), torch.autograd.grad(_loss(want, dev), leaves), exact=False)
+    _assert_same(g_got, torch.autograd.grad(_loss(want, dev), leaves), exact=False)
 
 
 def test_value_checks_are_skipped_under_tracing():

@@ -1,7 +1,7 @@
 """Determinism: the same inputs give the same bits, call after call (docs/DETERMINISM.md).
 
-Forward passes of every backend that runs here, and the routing backward passes
-(copies, no atomics).  Repeated calls in one process; allocations are poisoned, so an
+Forward passes of every backend that runs here; backward passes of the routing ops
+(copies) and of the SC-Attention backends that promise no atomics.  Repeated calls in one process; allocations are poisoned, so an
 element a kernel leaves unwritten (whatever memory held) shows as a difference.
 """
 
@@ -43,6 +43,27 @@ def test_sc_attention_forward_is_deterministic(backend, dtype, case, gen, poison
         lambda: ek.sc_attention(q, kc, vc, ks, vs, cond_lens=cl, self_lens=sl, return_lse=True, backend=backend),
         f"sc_attention[{backend}, {case}]",
     )
+
+
+@pytest.mark.parametrize("backend", ek.BACKENDS)
+def test_sc_attention_backward_is_deterministic(backend, gen, poison):
+    """The fused backends' backward kernels use no atomics (docs/DETERMINISM.md); the
+    torch reference's dense backward has none on the CPU."""
+    dtype, case = torch.float32, next(c for c in CASES if c.id == "ragged")
+    skip_unless_runs(backend, dtype, case.D)
+    dev = device_for(backend)
+    if backend == "torch" and dev != "cpu":
+        pytest.skip("the torch reference's backward is as deterministic as PyTorch's CUDA kernels are")
+    q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, dev, gen)
+    dout = torch.randn(q.shape, generator=gen).to(dev)
+    dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen).to(dev)
+
+    def grads():
+        leaves = [t.detach().requires_grad_(True) for t in (q, kc, vc, ks, vs)]
+        out, lse = ek.sc_attention(*leaves, cond_lens=cl, self_lens=sl, return_lse=True, backend=backend)
+        return torch.autograd.grad((out, lse), leaves, (dout, dlse))
+
+    assert_repeatable(grads, f"sc_attention backward[{backend}]")
 
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)
