@@ -104,6 +104,13 @@ def attention_error(name: str, device_type: str, dtype: torch.dtype, head_dim: i
     err = _op_error(name, "sc_attn_fwd", device_type)
     if err is not None:
         return err
+    if name == "cuda" and torch.cuda.is_available():
+        # The kernels need sm_80 (mma.sync m16n8k16, cp.async); the adapter would
+        # raise a RuntimeError, the API says so up front.  (The current device: the
+        # capability of a tensor's own device is not passed down to here.)
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return f"the cuda backend needs compute capability 8.0 or newer, the device has {major}.{minor}"
     caps = ATTENTION_CAPS[name]
     if name == "triton" and device_type == "cpu" and dtype == torch.bfloat16:
         return "the Triton interpreter (CPU) does not support bfloat16"

@@ -254,6 +254,17 @@ def test_forced_backend_unsupported_dtype(backend, monkeypatch):
         ek.sc_attention(**dense(D=32, dtype=torch.float64), backend=backend)
 
 
+def test_forced_cuda_backend_needs_sm80(monkeypatch):
+    """Row attn-forced-capability: the cuda backend refuses a pre-Ampere device up front."""
+    _pretend_kernels_exist(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    err = _dispatch.attention_error("cuda", "cuda", torch.float16, 64)
+    assert err == "the cuda backend needs compute capability 8.0 or newer, the device has 7.5"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert _dispatch.attention_error("cuda", "cuda", torch.float16, 64) is None
+
+
 def test_backend_env_variable_is_checked(monkeypatch):
     """Row backend-env: a bad ENAT_KERNELS_BACKEND is an error, not ignored."""
     monkeypatch.setenv("ENAT_KERNELS_BACKEND", "fastest")
@@ -262,7 +273,7 @@ def test_backend_env_variable_is_checked(monkeypatch):
 
 
 # Rows of docs/ERRORS.md tested by the functions just above rather than by CASES.
-EXTRA_ROWS = ("attn-forced-head-dim", "attn-forced-dtype", "backend-env")
+EXTRA_ROWS = ("attn-forced-head-dim", "attn-forced-dtype", "attn-forced-capability", "backend-env")
 
 
 # ----------------------------------------------------------------------------- value checks off
