@@ -1,0 +1,327 @@
+"""``enat-sample``: generate ENAT samples, measure images/s, compare with the reference path.
+
+    enat-sample                       # CPU demo: small random-weight model, 16 samples
+    enat-sample --compare             # + the torch reference path on the same weights and seeds
+    enat-sample --checkpoint nnet_ema.pth --vq-checkpoint vqgan_jax_strongaug.ckpt -n 50 --device cuda
+    torchrun --nproc_per_node=8 -m enat.cli --checkpoint nnet_ema.pth -n 50000 --resume --out in256
+
+Without --checkpoint the weights are random (said plainly): the tokens are noise and
+the run measures speed.  Without --vq-checkpoint there are no images: tokens are saved
+as .npy with a preview PNG labelled as token maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from . import backends as _backends
+from .checkpoint import CheckpointError, infer_config, load_checkpoint, read_state_dict
+from .configs import DEFAULT_CONFIG, NAMED, get_config, sampling_settings
+from .distributed import init_from_env, sample_many
+from .model import ENAT
+from .sampler import CUDAGraphSampler, sample
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="enat-sample",
+        description="Sample class-conditional token maps with ENAT (fused enat_kernels path), report images/s.",
+    )
+    p.add_argument("--config", default=None,
+                   help=f"configuration name, e.g. enat-l-256 or e22d2-c1024h16-l256 (default {DEFAULT_CONFIG}, or read from --checkpoint); "
+                        f"documented: {', '.join(NAMED)}")
+    p.add_argument("--checkpoint", default=None, help="ENAT weights (e.g. nnet_ema.pth); random weights without it")
+    p.add_argument("--heads", type=int, default=None, help="head count when the configuration is read from --checkpoint (default width / 64)")
+    p.add_argument("-n", "--num-samples", type=int, default=16, help="samples to generate (default 16)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="samples per batch, and per resumable slice (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (published: 8)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (published: 2.5 at 256 px, 3.5 at 512 px)")
+    p.add_argument("--mask-temp", type=float, default=None, help="masking temperature (published: 1.5)")
+    p.add_argument("--samp-temp", type=float, default=None, help="sampling temperature (published: 6 at 256 px, 4 at 512 px)")
+    p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i) (default 0)")
+    p.add_argument("--class", dest="klass", type=int, default=None, help="one class for every sample (default: sample i gets class i mod K)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + tuple(_backends.BACKENDS),
+                   help="enat_kernels backend of the fused path (default auto: cpu on CPUs, triton/cuda on GPUs)")
+    p.add_argument("--compare", action="store_true", help="also time the reference (torch) path on the same weights and seeds")
+    p.add_argument("--out", default="enat_samples", help="output folder (default enat_samples)")
+    p.add_argument("--resume", action="store_true", help="keep slices already saved in OUT/slices and compute only the rest")
+    p.add_argument("--vq-checkpoint", default=None, help="MaskGIT VQGAN checkpoint (vqgan_jax_strongaug.ckpt) to decode images")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--cuda-graph", action="store_true", help="capture each sampling step in a CUDA graph (GPU only)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: all cores, or 1 when other processes already keep every core busy)")
+    p.add_argument("--profile", action="store_true", help="print where sampling time goes (torch.profiler), per category")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+class Progress:
+    """A one-line progress bar on stderr (rank 0 only)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.seconds, self.enabled = total, 0, 0.0, enabled and total > 0
+        self.start = time.perf_counter()
+        self.draw()
+
+    def update(self, n: int, seconds: float) -> None:
+        self.done += n
+        self.seconds += seconds
+        self.draw()
+
+    def draw(self) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * self.done / self.total)
+        rate = f"{self.done / self.seconds:6.2f} img/s" if self.seconds > 0 else "  warming up"
+        sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} samples {rate}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _say(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def _build_model(args, device, dtype):
+    """The model and a sentence on where its weights come from."""
+    state = None
+    if args.checkpoint:
+        state = read_state_dict(args.checkpoint)
+    if args.config is None and state is not None:
+        config = infer_config(state, heads=args.heads)
+    else:
+        config = get_config(args.config or DEFAULT_CONFIG)
+    model = ENAT(config)
+    if state is not None:
+        load_checkpoint(model, args.checkpoint)
+        origin = f"weights from {args.checkpoint}"
+    else:
+        model.reset_parameters(torch.Generator().manual_seed(args.seed))
+        origin = "RANDOM weights (no --checkpoint): the tokens are noise; this run measures speed"
+    return model.to(device=device, dtype=dtype).eval(), origin
+
+
+def _fused_backend(args, device) -> str:
+    return _backends.fused_backend_for(device) if args.backend == "auto" else args.backend
+
+
+def _describe_fused(model, device, dtype) -> tuple[str, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        desc = model.resolved_backends(device, dtype).describe()
+    return desc, [str(w.message) for w in caught]
+
+
+class SliceRunner:
+    """Computes each slice on the fused path (optionally CUDA-graphed) and, with compare,
+    on the reference path too, alternating which goes first so that neither gets the
+    warmer caches or the quieter moment systematically; keeps the timings."""
+
+    def __init__(self, model, settings, fused: str, compare: bool, cuda_graph: bool, device):
+        self.model, self.settings, self.fused, self.compare, self.device = model, settings, fused, compare, device
+        self.graphs: dict[int, CUDAGraphSampler] | None = {} if cuda_graph else None
+        self.stats = {"fused_n": 0, "fused_s": 0.0, "ref_n": 0, "ref_s": 0.0, "same": 0, "tokens": 0}
+        self.last_seconds, self.calls = 0.0, 0
+
+    def _run(self, backend, labels, seeds):
+        st = self.settings
+        t0 = time.perf_counter()
+        if backend == self.fused and self.graphs is not None:
+            B = labels.shape[0]
+            if B not in self.graphs:  # captured once per batch size (the capture is not timed)
+                self.graphs[B] = CUDAGraphSampler(self.model, B, st["steps"], st["cfg"], mask_temp=st["mask_temp"],
+                                                  samp_temp=st["samp_temp"], backend=backend)
+                t0 = time.perf_counter()
+            out = self.graphs[B](labels, seeds)
+        else:
+            gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+            out = sample(self.model, labels, st["steps"], st["cfg"], mask_temp=st["mask_temp"], samp_temp=st["samp_temp"],
+                         generator=gens, backend=backend)
+        tokens = out.cpu()  # waits for the device
+        return tokens, time.perf_counter() - t0
+
+    def __call__(self, labels, seeds):
+        order = [self.fused, "torch"] if self.compare else [self.fused]
+        if self.calls % 2:
+            order.reverse()
+        self.calls += 1
+        done = {be: self._run(be, labels, seeds) for be in order}
+        tokens, self.last_seconds = done[self.fused]
+        n = labels.shape[0]
+        self.stats["fused_n"] += n
+        self.stats["fused_s"] += self.last_seconds
+        if self.compare:
+            ref, seconds = done["torch"]
+            self.stats["ref_n"] += n
+            self.stats["ref_s"] += seconds
+            self.stats["same"] += int((ref == tokens).sum())
+            self.stats["tokens"] += ref.numel()
+        return tokens
+
+
+def _cpu_threads(requested: int | None) -> tuple[int, str]:
+    """Threads for CPU sampling, and why.  OpenMP threads that wait for each other at
+    every op collapse when the cores are already busy (measured: 2 threads 5x slower
+    than 1 on a 2-core machine at load 7), so a busy machine gets one thread."""
+    if requested:
+        return requested, ""
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores > 1 and load >= cores:
+        return 1, f" (load average {load:.1f} on {cores} cores: 1 thread; --threads to override)"
+    return torch.get_num_threads(), ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    threads_before = torch.get_num_threads()
+    try:
+        return _main(_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(threads_before)  # main() may be called in-process (tests)
+
+
+def _main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    why_threads = ""
+    if device.type == "cpu":
+        n_threads, why_threads = _cpu_threads(args.threads)
+        torch.set_num_threads(n_threads)
+    if args.cuda_graph and device.type != "cuda":
+        print("enat-sample: --cuda-graph needs --device cuda", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    distributed = init_from_env(device.type)
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    try:
+        model, origin = _build_model(args, device, dtype)
+    except (CheckpointError, ValueError) as e:
+        print(f"enat-sample: {e}", file=sys.stderr)
+        return 2
+    cfg = model.config
+    pub = sampling_settings(cfg)
+    settings = dict(steps=args.steps or pub.steps, cfg=pub.cfg_scale if args.cfg is None else args.cfg,
+                    mask_temp=pub.mask_temp if args.mask_temp is None else args.mask_temp,
+                    samp_temp=pub.samp_temp if args.samp_temp is None else args.samp_temp)
+    fused = _fused_backend(args, device)
+    model.set_backend(fused)
+    desc, notes = _describe_fused(model, device, dtype)
+
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n > 1 else ''}{why_threads}" if device.type == "cpu" else ""
+    _say(rank, f"enat-sample: {cfg.name} ({cfg.num_params() / 1e6:.1f}M parameters), {origin}")
+    _say(rank, f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
+               f"{settings['steps']} steps, cfg {settings['cfg']}, mask_temp {settings['mask_temp']}, samp_temp {settings['samp_temp']}")
+    _say(rank, f"  fused path: backend {desc}" + (", CUDA graphs" if args.cuda_graph else ""))
+    for note in notes:
+        _say(rank, f"  note: {note}")
+
+    slices_dir = os.path.join(args.out, "slices")
+    if rank == 0 and not args.resume:
+        old = glob.glob(os.path.join(slices_dir, "slice_*.npz"))
+        for f in old:
+            os.remove(f)
+    if distributed:
+        torch.distributed.barrier()
+
+    labels = None if args.klass is None else (lambda i: args.klass)
+    # Warm-up outside the timings, each path: lazy initialization and the first (largest:
+    # every token masked) allocations at the real batch size; two steps are enough.
+    warm = torch.arange(max(1, min(args.batch_size, args.num_samples))) % cfg.num_classes
+    paths = [fused] + (["torch"] if args.compare else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # already reported as notes
+        for be in paths:
+            sample(model, warm, steps=2, generator=torch.Generator(device=device).manual_seed(0), backend=be)
+
+        runner = SliceRunner(model, settings, fused, args.compare, args.cuda_graph, device)
+        progress = Progress(-(-args.num_samples // world), enabled=rank == 0 and not args.quiet)
+        result = sample_many(model, args.num_samples, slices_dir, global_seed=args.seed, slice_size=args.batch_size,
+                             labels=labels, backend=fused, sample_fn=runner,
+                             on_slice=lambda done: progress.update(len(done.sample_indices), runner.last_seconds), **settings)
+        progress.close()
+
+    if distributed:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, runner.stats)
+    else:
+        everyone = [runner.stats]
+    if rank == 0:
+        _report(everyone, fused, args, world)
+        _save_outputs(args, cfg, result, device)
+        if args.profile:
+            _profile(model, fused, args, settings, device)
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _report(everyone, fused, args, world) -> None:
+    def rate(n_key, s_key):  # aggregate throughput: every rank works in parallel
+        return sum(s[n_key] / s[s_key] for s in everyone if s[s_key] > 0)
+
+    computed = sum(s["fused_n"] for s in everyone)
+    if computed == 0:
+        print(f"  all {args.num_samples} samples were already saved in {args.out}/slices (--resume): nothing to time")
+        return
+    f = rate("fused_n", "fused_s")
+    label = f"fused ({fused}):"
+    print(f"  {label:<19}{f:8.2f} images/s  ({computed} samples{f', {world} processes' if world > 1 else ''})")
+    if args.compare:
+        r = rate("ref_n", "ref_s")
+        same = sum(s["same"] for s in everyone) / max(1, sum(s["tokens"] for s in everyone))
+        print(f"  {'reference (torch):':<19}{r:8.2f} images/s  (same weights and seeds; {100 * same:.1f}% identical tokens)")
+        print(f"  {'speedup:':<19}{f / r:8.2f}x")
+
+
+def _save_outputs(args, cfg, result, device) -> None:
+    from .vq import load_vq_decoder, save_images, save_token_maps
+
+    tokens = torch.as_tensor(result.tokens.astype(np.int64))
+    os.makedirs(args.out, exist_ok=True)
+    print(f"  tokens: {result.path} ({tokens.shape[0]} x {tokens.shape[1]} x {tokens.shape[2]}, VQ code ids)")
+    if args.vq_checkpoint:
+        decoder = load_vq_decoder(args.vq_checkpoint, codebook_size=cfg.codebook_size, device=device)
+        paths = []
+        for i in range(0, tokens.shape[0], 16):
+            images = decoder.decode(tokens[i : i + 16].to(device))
+            paths += save_images(images, args.out, start=i)
+        print(f"  images: {len(paths)} PNGs in {args.out} (decoded with {args.vq_checkpoint})")
+    else:
+        shown = tokens[:64]
+        npy, png = save_token_maps(shown, args.out, codebook_size=cfg.codebook_size)
+        print(f"  preview: {png} -- TOKEN MAPS (one colour per code), NOT images; "
+              f"pass --vq-checkpoint to decode images")
+
+
+def _profile(model, fused, args, settings, device) -> None:
+    from .profiling import format_breakdown, profile_sampling
+
+    labels = torch.arange(min(args.batch_size, args.num_samples)) % model.config.num_classes
+    for be in [fused] + (["torch"] if args.compare else []):
+        gen = torch.Generator(device=device).manual_seed(0)
+        cats = profile_sampling(lambda: sample(model, labels, settings["steps"], settings["cfg"], mask_temp=settings["mask_temp"],
+                                               samp_temp=settings["samp_temp"], generator=gen, backend=be))
+        print(format_breakdown(cats, f"  profile, {be} path, one batch of {labels.shape[0]}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Sampling many images across processes (GPUs, machines) with torch.distributed.
+
+Launch with torchrun (``torchrun --nproc_per_node=8 -m enat.cli ...`` or the
+``enat-sample`` script); every process runs ``sample_many``.
+
+- Sample i has label ``labels(i)`` (default i mod K: classes balanced) and its own
+  generator seeded from (global seed, i): its tokens do not depend on the world size,
+  on which rank made it, or on resuming.
+- Samples are cut into slices of ``slice_size`` consecutive indices (one slice = one
+  batch, so a slice is always computed with the same batch); rank r takes slices
+  r, r + W, r + 2W, ...  Each finished slice is saved (atomically) in ``out_dir``;
+  a rerun skips the slices already saved there (after checking they were made with
+  the same settings) and computes only the others.
+- The tokens of all slices are gathered on rank 0 (through torch.distributed, so the
+  machines need not share a file system), which writes ``samples.npz``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .model import ENAT
+from .sampler import sample
+
+
+def sample_seed(global_seed: int, index: int) -> int:
+    """The generator seed of sample `index`: a hash of (global seed, index), 63 bits."""
+    digest = hashlib.blake2b(f"enat:{int(global_seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def balanced_labels(num_classes: int) -> Callable[[int], int]:
+    """Sample i gets class i mod K (every class equally often over K consecutive samples)."""
+    return lambda i: i % num_classes
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a slice's tokens depend on; saved with each slice and checked on resume."""
+
+    config: str
+    num_samples: int
+    slice_size: int
+    global_seed: int
+    steps: int
+    cfg: float
+    mask_temp: float
+    samp_temp: float
+    labels: str  # description of the label rule
+    weights: str  # fingerprint of the model's weights
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SliceDone:
+    """One computed slice, as passed to sample_many's on_slice callback."""
+
+    index: int
+    sample_indices: np.ndarray
+    labels: np.ndarray
+    seeds: list[int]
+    tokens: np.ndarray
+    seconds: float
+
+
+@dataclass
+class ScaleOutResult:
+    tokens: np.ndarray | None  # (N, h, w) on rank 0, None on other ranks
+    labels: np.ndarray | None
+    computed: list[int] = field(default_factory=list)  # slices this rank computed
+    skipped: list[int] = field(default_factory=list)  # slices this rank found already saved
+    path: str | None = None  # samples.npz (rank 0)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights (sums and a few values per tensor, in float64)."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        t = t.detach().double().flatten()
+        h.update(name.encode())
+        h.update(np.asarray([t.sum().item(), t.abs().sum().item(), *t[:4].tolist()]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _slice_path(out_dir: str, j: int) -> str:
+    return os.path.join(out_dir, f"slice_{j:06d}.npz")
+
+
+def _load_slice(path: str, settings_key: str, indices: np.ndarray):
+    """The tokens of a saved slice, or None if it is absent; raises if it was made differently."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as z:
+            key, idx, tokens = str(z["settings"]), z["indices"], z["tokens"]
+    except Exception as e:  # a truncated file from a killed run: recompute it
+        os.remove(path)
+        print(f"enat: {path} is unreadable ({type(e).__name__}); recomputing it", flush=True)
+        return None
+    if key != settings_key or not np.array_equal(idx, indices):
+        raise ValueError(f"{path} was made with other settings (or other weights); use another output folder "
+                         "or delete it to start over")
+    return tokens
+
+
+def _save_slice(path: str, settings_key: str, indices: np.ndarray, labels: np.ndarray, tokens: np.ndarray) -> None:
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, settings=np.asarray(settings_key), indices=indices, labels=labels, tokens=tokens)
+    os.replace(tmp, path)  # atomic: a slice file is either complete or absent
+
+
+def sample_many(
+    model: ENAT,
+    num_samples: int,
+    out_dir: str,
+    *,
+    global_seed: int = 0,
+    slice_size: int = 8,
+    steps: int = 8,
+    cfg: float = 2.5,
+    mask_temp: float = 1.5,
+    samp_temp: float = 6.0,
+    labels: Callable[[int], int] | Sequence[int] | None = None,
+    backend: str | None = "model",
+    sample_fn: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+    on_slice: Callable[["SliceDone"], None] | None = None,
+) -> ScaleOutResult:
+    """Generate `num_samples` token maps over all ranks of the default process group (or alone).
+
+    Args:
+        labels: class of sample i: a function of i, a sequence of N classes, or None
+            (i mod K).
+        sample_fn: sample_fn(labels, seeds) -> tokens (B, h, w) replaces the default call
+            of enat.sample with one generator per sample (e.g. a CUDAGraphSampler).
+        on_slice: called with a SliceDone after each computed slice (progress bars,
+            throughput, comparisons).
+
+    Returns a ScaleOutResult; rank 0's holds every sample's tokens and labels in index order.
+    """
+
+    rank, world = _rank_world()
+    cfg_model = model.config
+    if num_samples < 0 or slice_size < 1:
+        raise ValueError(f"num_samples must be >= 0 and slice_size >= 1, got {num_samples}, {slice_size}")
+    if labels is None:
+        label_of, label_rule = balanced_labels(cfg_model.num_classes), f"i mod {cfg_model.num_classes}"
+    elif callable(labels):
+        label_of, label_rule = labels, getattr(labels, "__qualname__", "callable")
+    else:
+        seq = [int(x) for x in labels]
+        if len(seq) != num_samples:
+            raise ValueError(f"labels has {len(seq)} entries for {num_samples} samples")
+        label_of, label_rule = seq.__getitem__, hashlib.sha1(np.asarray(seq).tobytes()).hexdigest()[:16]
+    settings = RunSettings(cfg_model.name, num_samples, slice_size, global_seed, steps, cfg, mask_temp, samp_temp,
+                           label_rule, weights_fingerprint(model))
+    key = settings.key()
+    os.makedirs(out_dir, exist_ok=True)
+    device = next(model.parameters()).device
+    dtype = np.int16 if cfg_model.codebook_size < 2**15 else np.int32
+    h, w = cfg_model.grid
+
+    n_slices = -(-num_samples // slice_size)
+    result = ScaleOutResult(None, None)
+    local: dict[int, np.ndarray] = {}
+    for j in range(rank, n_slices, world):
+        indices = np.arange(j * slice_size, min(num_samples, (j + 1) * slice_size), dtype=np.int64)
+        lab = np.asarray([label_of(int(i)) for i in indices], dtype=np.int64)
+        path = _slice_path(out_dir, j)
+        tokens = _load_slice(path, key, indices)
+        if tokens is not None:
+            result.skipped.append(j)
+        else:
+            seeds = [sample_seed(global_seed, int(i)) for i in indices]
+            t0 = time.perf_counter()
+            if sample_fn is None:
+                gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds]
+                out = sample(model, torch.as_tensor(lab), steps, cfg, mask_temp=mask_temp, samp_temp=samp_temp,
+                             generator=gens, backend=backend)
+            else:
+                out = sample_fn(torch.as_tensor(lab), seeds)
+            tokens = out.cpu().numpy().astype(dtype)  # waits for the device
+            seconds = time.perf_counter() - t0
+            _save_slice(path, key, indices, lab, tokens)
+            result.computed.append(j)
+            if on_slice is not None:
+                on_slice(SliceDone(j, indices, lab, seeds, tokens, seconds))
+        local[j] = tokens
+
+    # Gather every rank's slices on rank 0 (pickled numpy arrays; works with gloo and nccl).
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if rank == 0:
+            for part in gathered:
+                local.update(part)
+    if rank == 0:
+        tokens = np.zeros((num_samples, h, w), dtype=dtype)
+        for j, t in local.items():
+            tokens[j * slice_size : j * slice_size + t.shape[0]] = t
+        all_labels = np.asarray([label_of(i) for i in range(num_samples)], dtype=np.int64)
+        seeds = np.asarray([sample_seed(global_seed, i) for i in range(num_samples)], dtype=np.uint64)
+        result.path = os.path.join(out_dir, "samples.npz")
+        np.savez(result.path, tokens=tokens, labels=all_labels, seeds=seeds, settings=np.asarray(json.dumps(asdict(settings))))
+        result.tokens, result.labels = tokens, all_labels
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def init_from_env(device_type: str) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); False when running alone.
+
+    gloo on CPUs, nccl on GPUs (each process on the GPU of its LOCAL_RANK).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return True

@@ -1,0 +1,61 @@
+"""The enat-sample command, run in-process on a tiny configuration."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from enat import ENAT, save_checkpoint
+from enat.cli import main
+from enat.vq import VQDecoder, read_png
+
+TINY = ["--config", "e2d1-c32h2-l16-v64-k10", "-n", "3", "-b", "2", "--steps", "4", "--quiet"]
+
+
+def test_random_weights_compare(tmp_path, capsys):
+    assert main(TINY + ["--compare", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights (no --checkpoint)" in out
+    assert "fused (cpu):" in out and "reference (torch):" in out and "speedup:" in out
+    assert "% identical tokens" in out
+    tokens = np.load(tmp_path / "slices" / "samples.npz")["tokens"]
+    assert tokens.shape == (3, 4, 4) and tokens.max() < 64
+    assert np.array_equal(np.load(tmp_path / "tokens.npy"), tokens)
+    _, text = read_png(tmp_path / "tokens_token_maps.png")
+    assert "NOT decoded images" in text["Title"] and "TOKEN MAPS" in out
+
+
+def test_rerun_recomputes_unless_resume(tmp_path, capsys):
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    first = np.load(tmp_path / "slices" / "samples.npz")["tokens"]
+    capsys.readouterr()
+    assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
+    assert "already saved" in capsys.readouterr().out
+    assert main(TINY + ["--out", str(tmp_path)]) == 0  # without --resume: computed again, same tokens
+    assert "images/s" in capsys.readouterr().out
+    assert np.array_equal(np.load(tmp_path / "slices" / "samples.npz")["tokens"], first)
+
+
+def test_checkpoint_and_vq_decoder(tmp_path, capsys):
+    model = ENAT("e1d2-c32h2-l16-v64-k10")
+    save_checkpoint(model, tmp_path / "nnet_ema.pth")
+    vq = VQDecoder(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32, n_embed=64, embed_dim=32)
+    torch.save({"state_dict": vq.state_dict()}, tmp_path / "vq.ckpt")
+    args = ["-n", "2", "-b", "2", "--steps", "3", "--quiet", "--heads", "2", "--out", str(tmp_path / "o"),
+            "--checkpoint", str(tmp_path / "nnet_ema.pth"), "--vq-checkpoint", str(tmp_path / "vq.ckpt")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "e1d2-c32h2-l16-v64-k10" in out  # read from the checkpoint (2 decoder blocks as ENAT-L, heads given)
+    assert f"weights from {tmp_path / 'nnet_ema.pth'}" in out
+    pixels, _ = read_png(tmp_path / "o" / "sample_000001.png")
+    assert pixels.shape == (8, 8, 3)  # 4 x 4 tokens, 2x upsampling in this small decoder
+
+
+def test_bad_checkpoint_is_reported(tmp_path, capsys):
+    (tmp_path / "bad.pth").write_bytes(b"\x00" * 100)
+    assert main(TINY + ["--checkpoint", str(tmp_path / "bad.pth"), "--out", str(tmp_path)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--backend", "nope"])
+    assert not os.path.exists(tmp_path / "slices")
