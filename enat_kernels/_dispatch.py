@@ -17,6 +17,7 @@ logs the backend chosen for every call.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 import warnings
@@ -103,6 +104,13 @@ def attention_error(name: str, device_type: str, dtype: torch.dtype, head_dim: i
     err = _op_error(name, "sc_attn_fwd", device_type)
     if err is not None:
         return err
+    if name == "cuda" and torch.cuda.is_available():
+        # The kernels need sm_80 (mma.sync m16n8k16, cp.async); the adapter would
+        # raise a RuntimeError, the API says so up front.  (The current device: the
+        # capability of a tensor's own device is not passed down to here.)
+        major, minor = torch.cuda.get_device_capability()
+        if major < 8:
+            return f"the cuda backend needs compute capability 8.0 or newer, the device has {major}.{minor}"
     caps = ATTENTION_CAPS[name]
     if name == "triton" and device_type == "cpu" and dtype == torch.bfloat16:
         return "the Triton interpreter (CPU) does not support bfloat16"
@@ -123,17 +131,10 @@ def routing_error(name: str, device_type: str) -> str | None:
 _warned: set[str] = set()
 
 
-def _log_choice(msg: str, *args) -> None:
-    # A Logger call inside torch.compile's trace is a graph break (fullgraph=True fails):
-    # the choice is logged by eager calls only.
-    if not torch.compiler.is_compiling():
-        log.info(msg, *args)
-
-
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        warnings.warn(msg, RuntimeWarning, stacklevel=5)  # the caller of the public function
 
 
 def _cuda_attention_order(dtype: torch.dtype, head_dim: int, n_q: int, n_cond: int) -> tuple[str, ...]:
@@ -142,59 +143,101 @@ def _cuda_attention_order(dtype: torch.dtype, head_dim: int, n_q: int, n_cond: i
     Until the CUDA C++ kernel has been measured against the Triton kernel on a GPU
     (benchmarks/results/), Triton goes first.  The measured per-shape rule (and the
     CUDA kernel's tiling it depends on) goes in csrc/cuda/NOTES.md, "Backend order".
+    n_q and n_cond are None under torch.compile: the order must then be decided from
+    dtype and head_dim alone.
     """
     return ("triton", "cuda")
 
 
 def _requested(backend: str | None) -> str | None:
     if backend is None:
-        backend = os.environ.get("ENAT_KERNELS_BACKEND") or None
-    if backend is not None and backend not in BACKENDS:
+        env = os.environ.get("ENAT_KERNELS_BACKEND") or None
+        if env is not None and env not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {env!r} from the environment variable ENAT_KERNELS_BACKEND")
+        return env
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
 
 
-def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: int, n_cond: int) -> str:
-    requested = _requested(backend)
-    dt = device.type
+# Under torch.compile, selection runs once per compiled graph, at trace time: the
+# choice depends only on constants (the requested name, device type, dtype, head_dim),
+# and Dynamo cannot trace the dispatcher queries, imports, warnings and logging it
+# uses, so the two _choose_* functions are marked constant-result and their answer is
+# baked into the graph.  They return (backend, None) or (None, error) rather than
+# raising, because an exception inside a constant-result function reaches the caller
+# as an internal Dynamo error.
+
+
+@torch.compiler.assume_constant_result
+def _choose_attention(requested, dt: str, dtype, head_dim: int, n_q, n_cond):
     if requested is not None:
         err = attention_error(requested, dt, dtype, head_dim)
         if err is not None:
-            raise ValueError(f"backend={requested!r} cannot run these inputs: {err}")
-        _log_choice("sc_attention: backend %s (forced)", requested)
-        return requested
+            return None, f"backend={requested!r} cannot run these inputs: {err}"
+        log.info("sc_attention: backend %s (forced)", requested)
+        return requested, None
     order = _cuda_attention_order(dtype, head_dim, n_q, n_cond) if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = attention_error(name, dt, dtype, head_dim)
         if err is None:
-            _log_choice("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
-            return name
+            log.info("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
+            return name, None
         _warn_once(f"enat_kernels.sc_attention: skipping the {name} backend: {err}; using the next one")
-    _log_choice("sc_attention: backend torch (auto fallback, reference math)")
-    return "torch"
+    log.info("sc_attention: backend torch (auto fallback, reference math)")
+    return "torch", None
 
 
-# Dynamo cannot trace the dispatcher queries behind availability (has_kernel): the
-# choice is computed once at trace time and baked into the graph as a constant.
+def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: int, n_cond: int) -> str:
+    """The backend that runs SC-Attention; ValueError when a forced backend cannot.
+
+    n_q, n_cond are None under torch.compile (sequence lengths may be symbolic there,
+    and the choice must not specialize on them); head_dim is specialized.
+    """
+    if torch.compiler.is_compiling():
+        n_q = n_cond = None
+    name, err = _choose_attention(_requested(backend), device.type, dtype, operator.index(head_dim), n_q, n_cond)
+    if err is not None:
+        raise ValueError(err)
+    return name
+
+
 @torch.compiler.assume_constant_result
-def select_routing(backend, device: torch.device, op: str) -> str:
-    requested = _requested(backend)
-    dt = device.type
+def _choose_routing(requested, dt: str, op: str):
     if requested is not None:
         err = routing_error(requested, dt)
         if err is not None:
-            raise ValueError(f"backend={requested!r} cannot run {op}: {err}")
-        _log_choice("%s: backend %s (forced)", op, requested)
-        return requested
+            return None, f"backend={requested!r} cannot run {op}: {err}"
+        log.info("%s: backend %s (forced)", op, requested)
+        return requested, None
     order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
         err = routing_error(name, dt)
         if err is None:
-            _log_choice("%s: backend %s (auto)", op, name)
-            return name
+            log.info("%s: backend %s (auto)", op, name)
+            return name, None
         _warn_once(f"enat_kernels.{op}: skipping the {name} backend: {err}; using the next one")
-    _log_choice("%s: backend torch (auto fallback)", op)
-    return "torch"
+    log.info("%s: backend torch (auto fallback)", op)
+    return "torch", None
+
+
+def select_routing(backend, device: torch.device, op: str) -> str:
+    """The backend that runs token routing op `op`; ValueError when a forced backend cannot."""
+    name, err = _choose_routing(_requested(backend), device.type, op)
+    if err is not None:
+        raise ValueError(err)
+    return name
+
+
+def kernel(backend: str, op: str):
+    """The op `op` ("sc_attn_fwd", "gather_rows", ...) of a fused backend, to call.
+
+    Looked up through torch.ops, which Dynamo traces (the Triton package's `op()`
+    imports modules, which it cannot); selection has already imported the Triton
+    module that registers ``enat_kernels::triton_<op>``.
+    """
+    name = f"triton_{op}" if backend == "triton" else op
+    return getattr(torch.ops.enat_kernels, name).default
 
 
 # ----------------------------------------------------------------------------- report

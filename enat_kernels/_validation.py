@@ -13,6 +13,8 @@ Two kinds of checks:
 from __future__ import annotations
 
 import contextlib
+import numbers
+import operator
 import os
 import threading
 
@@ -29,16 +31,26 @@ def _env_default() -> bool:
 
 
 def value_checks_enabled() -> bool:
+    # Tracing first: Dynamo folds this to a constant, so the compiled graph does not
+    # guard on the thread-local switch below (a guard on it would recompile).
+    if torch.compiler.is_compiling():
+        return False
     enabled = getattr(_state, "enabled", None)
     if enabled is None:
         enabled = _state.enabled = _env_default()
     if not enabled:
         return False
-    if torch.compiler.is_compiling():
-        return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
     return True
+
+
+def _reads(*tensors) -> bool:
+    """Whether to run a value check on these tensors: checks on, and the tensors hold data.
+
+    Meta tensors (shape-only, e.g. for deferred initialization) have no values to read.
+    """
+    return value_checks_enabled() and all(t.device.type != "meta" for t in tensors if t is not None)
 
 
 @contextlib.contextmanager
@@ -67,6 +79,30 @@ def tensor(name: str, x, *, ndim: int | None = None, dtypes=None) -> None:
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+
+
+def size(name: str, value, *, upper: int | None = None, upper_what: str = ""):
+    """A host-side size argument (count, seq_len, max_seqlen): an int in [0, upper].
+
+    Returns it as a Python int (numpy integers are accepted), or unchanged when it is
+    a torch.SymInt (symbolic under torch.compile: its range is not checked).
+    """
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    # ints pass as they are: operator.index on a symbolic size under torch.compile
+    # (which Dynamo presents as an int) would specialize the graph to its value.
+    if not isinstance(value, int):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if upper is not None and not 0 <= value <= upper:
+        raise ValueError(f"{name} must lie in [0, {upper}]{upper_what}, got {value}")
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+    return value
 
 
 def same_dtype(named: dict) -> None:
@@ -103,39 +139,47 @@ def lengths(name: str, lens, batch: int, limit: int, device) -> None:
         raise ValueError(f"{name} must have one entry per batch row ({batch}), got {lens.shape[0]}")
     if lens.device != device:
         raise ValueError(f"{name} is on {lens.device} but the inputs are on {device}")
-    if value_checks_enabled() and lens.numel() > 0:
-        lo, hi = int(lens.min()), int(lens.max())
+    if _reads(lens) and lens.numel() > 0:
+        lo, hi = torch.stack([lens.min(), lens.max()]).tolist()  # one host sync
         if lo < 0 or hi > limit:
             raise ValueError(f"{name} values must lie in [0, {limit}], got min {lo} and max {hi}")
 
 
-def cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device) -> None:
+def cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device, *, like: tuple | None = None):
+    """int32 (batch + 1,) offsets: 0, non-decreasing, ending at `total`, steps <= max_seqlen.
+
+    like: (name, tensor) of offsets checked before, whose length this one must match.
+    Returns max_seqlen as an int (see `size`).
+    """
     tensor(name, cu, ndim=1, dtypes=(torch.int32,))
     if cu.shape[0] < 1:
-        raise ValueError(f"{name} must have batch + 1 >= 1 entries")
+        raise ValueError(f"{name} must have batch + 1 >= 1 entries, got none")
+    if like is not None and cu.shape[0] != like[1].shape[0]:
+        raise ValueError(f"{name} must have as many entries as {like[0]} ({like[1].shape[0]}: batch + 1), got {cu.shape[0]}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
-        if not isinstance(max_seqlen, torch.SymInt):
-            raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if value_checks_enabled():
-        c = cu.long()
-        if int(c[0]) != 0:
-            raise ValueError(f"{name}[0] must be 0, got {int(c[0])}")
-        if int(c[-1]) != total:
-            raise ValueError(f"{name}[-1] must equal the number of packed rows ({total}), got {int(c[-1])}")
-        if c.numel() > 1:
-            d = c[1:] - c[:-1]
-            if bool((d < 0).any()):
-                raise ValueError(f"{name} must be non-decreasing")
-            if int(d.max()) > max_seqlen:
-                raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({int(d.max())})")
+    max_seqlen = size(max_name, max_seqlen)
+    if not _reads(cu):
+        return max_seqlen
+    c = cu.long()
+    steps = c[1:] - c[:-1] if c.numel() > 1 else c.new_zeros(1)
+    # First, last, smallest and largest step in one host sync.
+    first, last, lo, hi = torch.stack([c[0], c[-1], steps.min(), steps.max()]).tolist()
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if last != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed rows ({total}), got {last}")
+    if lo < 0:
+        raise ValueError(f"{name} must be non-decreasing")
+    if hi > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({hi})")
+    return max_seqlen
 
 
 def scale(value) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
@@ -143,10 +187,11 @@ def scale(value) -> float | None:
     return value
 
 
-def indices(name: str, idx, batch: int, limit: int, device, *, unique_with=None) -> None:
-    """idx: int64 (batch, N), entries in [0, limit) or -1 (padding).
+def indices(name: str, idx, batch: int, limit: int, device, *, unique_with=None, values: bool = True) -> None:
+    """idx: int64 (batch, N), entries in [0, limit) or -1 (padding), no repeats in a row.
 
     unique_with: another index tensor whose entries must not repeat any of idx's.
+    values=False: metadata only (the caller checks the values later).
     """
     if isinstance(idx, torch.Tensor) and idx.is_floating_point():
         raise TypeError(f"{name} must be an integer tensor (int64), got {idx.dtype}")
@@ -155,9 +200,9 @@ def indices(name: str, idx, batch: int, limit: int, device, *, unique_with=None)
         raise ValueError(f"{name} must have {batch} rows (the batch), got {idx.shape[0]}")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the tokens are on {device}")
-    if not value_checks_enabled() or idx.numel() == 0:
+    if not values or not _reads(idx, unique_with) or idx.numel() == 0:
         return
-    lo, hi = int(idx.min()), int(idx.max())
+    lo, hi = torch.stack([idx.min(), idx.max()]).tolist()
     if lo < -1 or hi >= limit:
         raise ValueError(f"{name} entries must lie in [0, {limit}) or be -1 (padding), got min {lo} and max {hi}")
     both = idx if unique_with is None else torch.cat([idx, unique_with], dim=1)
@@ -171,10 +216,29 @@ def indices(name: str, idx, batch: int, limit: int, device, *, unique_with=None)
 
 def ascending(name: str, idx: torch.Tensor) -> None:
     """Value check: each row strictly increasing over its valid entries, -1 padding trailing."""
-    if not value_checks_enabled() or idx.shape[1] < 2:
+    if not _reads(idx) or idx.shape[1] < 2:
         return
     prev, nxt = idx[:, :-1], idx[:, 1:]
     bad = ((nxt >= 0) & (prev < 0)) | ((nxt >= 0) & (nxt <= prev))
     if bool(bad.any()):
         row = int(bad.any(dim=1).nonzero()[0, 0])
         raise ValueError(f"{name} must be ascending with -1 padding at the end of each row; batch row {row} is not")
+
+
+def mask_counts(mask: torch.Tensor, true_bound: tuple | None, false_bound: tuple | None = None, *, hint: str = "") -> None:
+    """Value check: no row of `mask` has more True (False) entries than its bound.
+
+    true_bound, false_bound: (argument name, bound) or None.  One host sync for both.
+    hint: appended to the message about the False bound.
+    """
+    if not _reads(mask) or mask.numel() == 0:
+        return
+    n_true = mask.sum(dim=1)
+    most_true, most_false = torch.stack([n_true.max(), mask.shape[1] - n_true.min()]).tolist()
+    for bound, most, kind, extra in ((true_bound, most_true, True, ""), (false_bound, most_false, False, hint)):
+        if bound is not None and most > bound[1]:
+            name, count = bound
+            raise ValueError(
+                f"{name} = {count} but a row of mask has {most} {kind} entries; "
+                f"{name} must be at least the largest count in a row{extra}"
+            )

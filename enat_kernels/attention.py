@@ -21,11 +21,7 @@ def _run(backend: str, varlen: bool, args: tuple):
         if varlen:
             return reference.sc_attention_varlen_ref(q, k_cond, v_cond, k_self, v_self, cu_q, cu_c, max_q, max_c, scale)
         return reference.sc_attention_ref(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, scale)
-    if backend == "triton":
-        from . import triton as _triton
-
-        return _triton.op("sc_attn_fwd")(*args)
-    return torch.ops.enat_kernels.sc_attn_fwd(*args)
+    return _dispatch.kernel(backend, "sc_attn_fwd")(*args)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +43,8 @@ def _check_segments(q, k_cond, v_cond, k_self, v_self, ndim: int):
     check.same_device(named)
     check.dim_equal("heads", {f"{n}.shape[{ndim - 2}]": t.shape[-2] for n, t in named.items()})
     check.dim_equal("head_dim", {f"{n}.shape[{ndim - 1}]": t.shape[-1] for n, t in named.items()})
+    if q.shape[-1] < 1:
+        raise ValueError(f"head_dim (q.shape[{ndim - 1}]) must be at least 1, got {q.shape[-1]}")
     tok = 1 if ndim == 4 else 0
     check.dim_equal("cond tokens", {f"k_cond.shape[{tok}]": k_cond.shape[tok], f"v_cond.shape[{tok}]": v_cond.shape[tok]})
     check.dim_equal(
@@ -142,9 +140,10 @@ def sc_attention_varlen(
     """
     q, k_cond, v_cond, k_self, v_self = _check_segments(q, k_cond, v_cond, k_self, v_self, ndim=3)
     T, H, D = q.shape
-    check.cu_seqlens("cu_seqlens_q", cu_seqlens_q, T, max_seqlen_q, "max_seqlen_q", q.device)
-    check.cu_seqlens("cu_seqlens_cond", cu_seqlens_cond, k_cond.shape[0], max_seqlen_cond, "max_seqlen_cond", q.device)
-    check.dim_equal("batch", {"cu_seqlens_q.shape[0] - 1": cu_seqlens_q.shape[0] - 1, "cu_seqlens_cond.shape[0] - 1": cu_seqlens_cond.shape[0] - 1})
+    max_seqlen_q = check.cu_seqlens("cu_seqlens_q", cu_seqlens_q, T, max_seqlen_q, "max_seqlen_q", q.device)
+    max_seqlen_cond = check.cu_seqlens(
+        "cu_seqlens_cond", cu_seqlens_cond, k_cond.shape[0], max_seqlen_cond, "max_seqlen_cond", q.device, like=("cu_seqlens_q", cu_seqlens_q)
+    )
     scale = check.scale(scale)
     if scale is None:
         scale = D**-0.5

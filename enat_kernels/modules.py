@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _dispatch
 from .attention import sc_attention
+
+
+def _check_tokens(name: str, z, dim: int) -> None:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dim() != 3 or z.shape[-1] != dim:
+        raise ValueError(f"{name} must have shape (batch, tokens, {dim}), got {tuple(z.shape)}")
 
 
 class SCAttention(nn.Module):
@@ -20,9 +28,15 @@ class SCAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, backend: str | None = None):
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or isinstance(num_heads, bool) or not isinstance(num_heads, int):
+            raise TypeError(f"dim and num_heads must be ints, got {type(dim).__name__} and {type(num_heads).__name__}")
+        if dim < 1 or num_heads < 1:
+            raise ValueError(f"dim and num_heads must be positive, got dim={dim}, num_heads={num_heads}")
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        if backend is not None:
+            _dispatch._requested(backend)  # a misspelled name fails here, not at the first call
         self.backend = backend
         self.q = nn.Linear(dim, dim)
         self.kv = nn.ModuleDict({"A": nn.Linear(dim, 2 * dim), "B": nn.Linear(dim, 2 * dim)})
@@ -41,6 +55,11 @@ class SCAttention(nn.Module):
         x_lens: torch.Tensor | None = None,
         cond_lens: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        _check_tokens("x", x, self.dim)
+        if cond is not None:
+            _check_tokens("cond", cond, self.dim)
+            if cond.shape[0] != x.shape[0]:
+                raise ValueError(f"cond has batch {cond.shape[0]} but x has batch {x.shape[0]}")
         B, N, C = x.shape
         q = self.q(x).view(B, N, self.num_heads, self.head_dim)
         k_self, v_self = self._kv(self.kv["B"], x)

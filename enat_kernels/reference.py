@@ -76,13 +76,18 @@ def sc_attention_ref(
 
 
 def _packed_rows(cu_seqlens: torch.Tensor, max_seqlen: int, total: int):
-    """Index of packed row (b, i) in the packed tensor, or `total` (a zero row) past the end."""
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
+    """Index of packed row (b, i) in the packed tensor, or `total` (a zero row) past the end.
+
+    Also returns the offsets and lengths used.  Invalid cu_seqlens (value checks off)
+    are clamped as the kernels clamp them: offsets to [0, total], lengths to
+    [0, max_seqlen], so no index leaves [0, total].
+    """
+    cu = cu_seqlens.long().clamp(0, total)
+    lens = (cu[1:] - cu[:-1]).clamp(0, max_seqlen)
     ar = torch.arange(max_seqlen, device=cu.device)
     valid = ar[None, :] < lens[:, None]
     idx = torch.where(valid, cu[:-1, None] + ar[None, :], torch.full_like(valid, total, dtype=torch.long))
-    return idx, lens
+    return idx, cu, lens
 
 
 def _pad_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -112,8 +117,8 @@ def sc_attention_varlen_ref(
     Tq, H, D = q.shape
     Tc = k_cond.shape[0]
     B = cu_seqlens_q.shape[0] - 1
-    q_idx, q_lens = _packed_rows(cu_seqlens_q, max_seqlen_q, Tq)
-    c_idx, c_lens = _packed_rows(cu_seqlens_cond, max_seqlen_cond, Tc)
+    q_idx, cu, q_lens = _packed_rows(cu_seqlens_q, max_seqlen_q, Tq)
+    c_idx, _, c_lens = _packed_rows(cu_seqlens_cond, max_seqlen_cond, Tc)
     out_d, lse_d = sc_attention_ref(
         _pad_gather(q, q_idx),
         _pad_gather(k_cond, c_idx),
@@ -124,13 +129,17 @@ def sc_attention_varlen_ref(
         self_lens=q_lens,
         scale=scale,
     )
-    # Packed row t belongs to sequence b(t) at offset t - cu[b(t)].
-    cu = cu_seqlens_q.long()
+    # Packed row t belongs to sequence b(t) at offset t - cu[b(t)].  A row no sequence
+    # owns (only invalid cu_seqlens leave one) reads the zero row appended at
+    # B * max_seqlen_q: out 0, lse -inf, like a padded row.
     t = torch.arange(Tq, device=q.device)
     b_of_t = torch.searchsorted(cu[1:], t, right=True).clamp(max=max(B - 1, 0))
-    flat = b_of_t * max_seqlen_q + (t - cu[b_of_t])
-    out = out_d.reshape(B * max_seqlen_q, H, D)[flat]
-    lse = lse_d.permute(1, 0, 2).reshape(H, B * max_seqlen_q)[:, flat]
+    off = t - cu[b_of_t] if B > 0 else t
+    owned = (off >= 0) & (off < q_lens[b_of_t]) if B > 0 else torch.zeros_like(t, dtype=torch.bool)
+    flat = torch.where(owned, b_of_t * max_seqlen_q + off, torch.full_like(t, B * max_seqlen_q))
+    out = torch.cat([out_d.reshape(B * max_seqlen_q, H, D), out_d.new_zeros(1, H, D)])[flat]
+    lse_rows = lse_d.permute(1, 0, 2).reshape(H, B * max_seqlen_q)
+    lse = torch.cat([lse_rows, lse_rows.new_full((H, 1), float("-inf"))], dim=1)[:, flat]
     return out, lse
 
 
@@ -157,12 +166,15 @@ def mask_to_indices_ref(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, t
 def gather_rows_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """out[b, i] = x[b, idx[b, i]], zeros where idx is -1 (or outside [0, L): invalid
     input, which the contract says gives zeros, not an error).  x (B, L, C), idx (B, N)."""
-    L, C = x.shape[1], x.shape[2]
-    if L == 0:  # nothing to read; every row is zero
-        return x.new_zeros(x.shape[0], idx.shape[1], C)
+    L = x.shape[1]
+    if L == 0:  # nothing to read: index a zero row instead (a new tensor would cut autograd)
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
     valid = (idx >= 0) & (idx < L)
-    safe = torch.where(valid, idx, torch.zeros_like(idx))[:, :, None].expand(-1, -1, C)
-    out = torch.gather(x, 1, safe)
+    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
+    # Advanced indexing, not torch.gather: CPU gather of bfloat16 rewrites NaN bits,
+    # and rows are moved bit for bit.
+    out = x[rows, safe]
     return torch.where(valid[:, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -175,12 +187,15 @@ def scatter_rows_ref(
 ) -> torch.Tensor:
     """A zero (B, seq_len, C) sequence with a's rows at idx_a and b's at idx_b (-1 skipped)."""
     B, _, C = a.shape
-    out = a.new_zeros(B, seq_len + 1, C)  # row seq_len swallows the -1 entries
+    out = a.new_zeros(B, seq_len + 1, C)  # row seq_len swallows -1 (and out-of-range) entries
     for src, idx in ((a, idx_a), (b, idx_b)):
         if src is None:
             continue
         tgt = torch.where((idx >= 0) & (idx < seq_len), idx, torch.full_like(idx, seq_len))
-        out = out.scatter(1, tgt[:, :, None].expand(-1, -1, C), src)
+        rows = torch.arange(B, device=a.device)[:, None].expand_as(tgt)
+        # index_put, not scatter: CPU scatter of float16 rewrites the bits of NaNs it
+        # does not target, and rows are moved bit for bit.
+        out = out.index_put((rows, tgt), src)
     return out[:, :seq_len].contiguous()  # the contract promises a contiguous result
 
 

@@ -27,12 +27,7 @@ def _ops(name: str):
     """(mask_to_indices, gather_rows, scatter_rows) of backend `name`."""
     if name == "torch":
         return reference.mask_to_indices_ref, reference.gather_rows_ref, reference.scatter_rows_ref
-    if name == "triton":
-        from . import triton as _triton
-
-        return _triton.op("mask_to_indices"), _triton.op("gather_rows"), _triton.op("scatter_rows")
-    ops = torch.ops.enat_kernels
-    return ops.mask_to_indices.default, ops.gather_rows.default, ops.scatter_rows.default
+    return tuple(_dispatch.kernel(name, op) for op in ("mask_to_indices", "gather_rows", "scatter_rows"))
 
 
 def _rows(name: str, x) -> tuple[torch.Tensor, tuple]:
@@ -41,12 +36,55 @@ def _rows(name: str, x) -> tuple[torch.Tensor, tuple]:
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (batch, tokens, ...), got {tuple(x.shape)}")
     tail = tuple(x.shape[2:])
-    # The row size is spelled out: reshape cannot infer -1 when B or L is 0.
+    # math.prod, not -1: a reshape cannot infer -1 when B or L is 0.
     return x.reshape(x.shape[0], x.shape[1], math.prod(tail)).contiguous(), tail
 
 
 def _unrows(x: torch.Tensor, tail: tuple) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], *tail)
+
+
+# Unchecked runners: the public functions below validate, then call these, so that
+# composite functions (split_tokens, merge_tokens) check each input once and never
+# re-check indices they computed themselves.
+
+
+def _mask_to_indices(mask: torch.Tensor, count, backend, op: str):
+    name = _dispatch.select_routing(backend, mask.device, op)
+    return _ops(name)[0](mask.contiguous(), count)
+
+
+def _gather(x3: torch.Tensor, idx: torch.Tensor, backend, op: str) -> torch.Tensor:
+    name = _dispatch.select_routing(backend, x3.device, op)
+    return _ops(name)[1](x3, idx.contiguous())
+
+
+def _scatter(a3, idx_a, b3, idx_b, seq_len, backend, op: str) -> torch.Tensor:
+    name = _dispatch.select_routing(backend, a3.device, op)
+    return _ops(name)[2](a3, idx_a.contiguous(), b3, None if idx_b is None else idx_b.contiguous(), seq_len)
+
+
+def _check_pair(a, idx_a, b, idx_b):
+    """Metadata checks of one or two token subsets and their index tensors.
+
+    Returns (a3, b3, tail): a and b as contiguous (B, N, C), and the trailing shape.
+    """
+    a3, tail = _rows("a", a)
+    if (b is None) != (idx_b is None):
+        raise ValueError("b and idx_b must both be given or both be None")
+    B = a3.shape[0]
+    check.indices("idx_a", idx_a, B, 0, a3.device, values=False)
+    check.dim_equal("tokens", {"a.shape[1]": a3.shape[1], "idx_a.shape[1]": idx_a.shape[1]})
+    b3 = None
+    if b is not None:
+        b3, tail_b = _rows("b", b)
+        check.same_dtype({"a": a3, "b": b3})
+        check.same_device({"a": a3, "b": b3})
+        check.dim_equal("batch", {"a.shape[0]": B, "b.shape[0]": b3.shape[0]})
+        check.dim_equal("row shape", {"a.shape[2:]": tail, "b.shape[2:]": tail_b})
+        check.indices("idx_b", idx_b, B, 0, a3.device, values=False)
+        check.dim_equal("tokens", {"b.shape[1]": b3.shape[1], "idx_b.shape[1]": idx_b.shape[1]})
+    return a3, b3, tail
 
 
 def mask_to_indices(mask: torch.Tensor, count: int, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,28 +100,20 @@ def mask_to_indices(mask: torch.Tensor, count: int, *, backend: str | None = Non
         lens (B,) int32, the number of True entries per row.
     """
     check.tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
-    L = mask.shape[1]
-    if not isinstance(count, (int, torch.SymInt)) or isinstance(count, bool):
-        raise TypeError(f"count must be an int, got {type(count).__name__}")
-    if not (0 <= count <= L):
-        raise ValueError(f"count must lie in [0, {L}] (the mask's length), got {count}")
-    if check.value_checks_enabled() and mask.numel() > 0:
-        most = int(mask.sum(dim=1).max())
-        if most > count:
-            raise ValueError(f"count = {count} but a row of mask has {most} True entries; count must be at least the largest row count")
-    name = _dispatch.select_routing(backend, mask.device, "mask_to_indices")
-    return _ops(name)[0](mask.contiguous(), count)
+    count = check.size("count", count, upper=mask.shape[1], upper_what=" (the mask's length)")
+    check.mask_counts(mask, ("count", count))
+    return _mask_to_indices(mask, count, backend, "mask_to_indices")
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Rows of x at `indices`: out[b, i] = x[b, indices[b, i]], zeros where indices is -1.
 
-    x: (B, L, ...); indices: (B, N) int64.  Differentiable in x (its backward scatters).
+    x: (B, L, ...); indices: (B, N) int64, unique per row (the backward scatters).
+    Differentiable in x.
     """
     x3, tail = _rows("x", x)
     check.indices("indices", indices, x3.shape[0], x3.shape[1], x3.device)
-    name = _dispatch.select_routing(backend, x3.device, "gather_tokens")
-    return _unrows(_ops(name)[1](x3, indices.contiguous()), tail)
+    return _unrows(_gather(x3, indices, backend, "gather_tokens"), tail)
 
 
 def scatter_tokens(src: torch.Tensor, indices: torch.Tensor, seq_len: int, *, backend: str | None = None) -> torch.Tensor:
@@ -105,28 +135,13 @@ def restore_tokens(
     Positions named by neither index set are zero.  The two index sets must be
     disjoint and each free of repeats (value check).  Differentiable in a and b.
     """
-    a3, tail = _rows("a", a)
+    a3, b3, tail = _check_pair(a, idx_a, b, idx_b)
+    seq_len = check.size("seq_len", seq_len)
     B = a3.shape[0]
-    if not isinstance(seq_len, (int, torch.SymInt)) or isinstance(seq_len, bool):
-        raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__}")
-    if seq_len < 0:
-        raise ValueError(f"seq_len must be non-negative, got {seq_len}")
-    if (b is None) != (idx_b is None):
-        raise ValueError("b and idx_b must both be given or both be None")
-    b3 = None
     if b is not None:
-        b3, tail_b = _rows("b", b)
-        check.same_dtype({"a": a3, "b": b3})
-        check.same_device({"a": a3, "b": b3})
-        check.dim_equal("batch", {"a.shape[0]": B, "b.shape[0]": b3.shape[0]})
-        check.dim_equal("row shape", {"a.shape[2:]": tail, "b.shape[2:]": tail_b})
         check.indices("idx_b", idx_b, B, seq_len, a3.device)
-        check.dim_equal("tokens", {"b.shape[1]": b3.shape[1], "idx_b.shape[1]": idx_b.shape[1]})
-        idx_b = idx_b.contiguous()
     check.indices("idx_a", idx_a, B, seq_len, a3.device, unique_with=idx_b)
-    check.dim_equal("tokens", {"a.shape[1]": a3.shape[1], "idx_a.shape[1]": idx_a.shape[1]})
-    name = _dispatch.select_routing(backend, a3.device, "restore_tokens")
-    return _unrows(_ops(name)[2](a3, idx_a.contiguous(), b3, idx_b, seq_len), tail)
+    return _unrows(_scatter(a3, idx_a, b3, idx_b, seq_len, backend, "restore_tokens"), tail)
 
 
 def merge_tokens(
@@ -145,18 +160,19 @@ def merge_tokens(
     with position -1.  ENAT uses this to assemble the visible set from the newly
     revealed tokens and the cached ones.
     """
-    a3, _ = _rows("a", a)
+    if b is None or idx_b is None:
+        raise TypeError("merge_tokens needs both subsets: b and idx_b must be tensors")
+    a3, b3, tail = _check_pair(a, idx_a, b, idx_b)
     B, unbounded = a3.shape[0], torch.iinfo(torch.int64).max
     check.indices("idx_b", idx_b, B, unbounded, a3.device)
     check.indices("idx_a", idx_a, B, unbounded, a3.device, unique_with=idx_b)
     check.ascending("idx_a", idx_a)
     check.ascending("idx_b", idx_b)
-    rank_a, rank_b = reference.merge_ranks_ref(idx_a, idx_b)
+    rank_a, rank_b = reference.merge_ranks_ref(idx_a, idx_b)  # unique by construction
     n = idx_a.shape[1] + idx_b.shape[1]
-    with check.value_checks(False):  # the ranks are unique by construction
-        merged = restore_tokens(a, rank_a, b, rank_b, n, backend=backend)
-        pos = restore_tokens((idx_a + 1)[:, :, None], rank_a, (idx_b + 1)[:, :, None], rank_b, n, backend=backend)
-    return merged, pos[:, :, 0] - 1
+    merged = _scatter(a3, rank_a, b3, rank_b, n, backend, "merge_tokens")
+    pos = _scatter((idx_a + 1)[:, :, None], rank_a, (idx_b + 1)[:, :, None], rank_b, n, backend, "merge_tokens")
+    return _unrows(merged, tail), pos[:, :, 0] - 1
 
 
 class TokenSplit(NamedTuple):
@@ -185,22 +201,21 @@ def split_tokens(
     num_false bounds the False count (default L - num_true, exact when every row has
     num_true True entries).
     """
+    x3, tail = _rows("x", x)
     check.tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
+    check.same_device({"x": x3, "mask": mask})
+    check.dim_equal("batch", {"x.shape[0]": x3.shape[0], "mask.shape[0]": mask.shape[0]})
+    check.dim_equal("tokens", {"x.shape[1]": x3.shape[1], "mask.shape[1]": mask.shape[1]})
     L = mask.shape[1]
-    if num_false is None and isinstance(num_true, (int, torch.SymInt)):
-        num_false = L - num_true
-    if check.value_checks_enabled() and mask.numel() > 0:
-        # One host sync for both bounds, and errors that name the caller's arguments.
-        n_true = mask.sum(dim=1)
-        most_true, most_false = torch.stack([n_true.max(), L - n_true.min()]).tolist()
-        for arg, bound, most, kind in (("num_true", num_true, most_true, "True"), ("num_false", num_false, most_false, "False")):
-            if isinstance(bound, int) and not isinstance(bound, bool) and most > bound:
-                raise ValueError(f"{arg} = {bound} but a row of mask has {most} {kind} entries; {arg} must bound every row's count")
-    # Counts checked above, indices valid by construction; type and shape checks stay on.
-    with check.value_checks(False):
-        t_idx, t_len = mask_to_indices(mask, num_true, backend=backend)
-        f_idx, f_len = mask_to_indices(~mask, num_false, backend=backend)
-        return TokenSplit(
-            gather_tokens(x, t_idx, backend=backend), t_idx, t_len,
-            gather_tokens(x, f_idx, backend=backend), f_idx, f_len,
-        )
+    num_true = check.size("num_true", num_true, upper=L, upper_what=" (the mask's length)")
+    hint = ""
+    if num_false is None:
+        num_false, hint = L - num_true, " (it defaults to L - num_true, exact only when every row has num_true True entries)"
+    num_false = check.size("num_false", num_false, upper=L, upper_what=" (the mask's length)")
+    check.mask_counts(mask, ("num_true", num_true), ("num_false", num_false), hint=hint)
+    t_idx, t_len = _mask_to_indices(mask, num_true, backend, "split_tokens")
+    f_idx, f_len = _mask_to_indices(~mask, num_false, backend, "split_tokens")
+    return TokenSplit(
+        _unrows(_gather(x3, t_idx, backend, "split_tokens"), tail), t_idx, t_len,
+        _unrows(_gather(x3, f_idx, backend, "split_tokens"), tail), f_idx, f_len,
+    )

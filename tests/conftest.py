@@ -10,8 +10,16 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 import enat_kernels  # noqa: E402,F401
+
+# Randomized tests (tests/test_randomized.py): "ci" (default) is short and derandomized,
+# so a run is reproducible; "long" explores: HYPOTHESIS_PROFILE=long or
+# `pytest --hypothesis-profile=long`.
+settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, database=None, print_blob=True)
+settings.register_profile("long", max_examples=400, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

@@ -425,7 +425,7 @@ def test_mask_errors(gen):
         ek.split_tokens(x, mask, 5, 7)
     with pytest.raises(ValueError, match="num_false = 4 but a row of mask has 7 False entries"):
         ek.split_tokens(x, mask, 6)  # default num_false = L - num_true
-    with pytest.raises(TypeError, match="count must be an int"):
+    with pytest.raises(TypeError, match="num_true must be an int"):
         ek.split_tokens(x, mask, 6.0)
 
 
