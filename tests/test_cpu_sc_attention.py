@@ -235,6 +235,10 @@ _PORTABLE_SCRIPT = textwrap.dedent(
 def test_portable_build_against_oracle():
     """ATEN_CPU_CAPABILITY=default selects the kernels compiled without AVX2 (used on older CPUs)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), HERE, env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    # The enat_kernels this session imported (installed, or built in place), not
+    # necessarily the source tree: in CI the source tree has no compiled extension
+    # (hence also cwd=HERE: `python -c` puts the working directory first on sys.path).
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(ek.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, HERE, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]

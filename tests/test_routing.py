@@ -628,9 +628,10 @@ def test_triton_ops_trace_without_the_interpreter():
     if err is not None and "TRITON_INTERPRET" not in err:
         pytest.skip(err)
     env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _TRACE_TRITON_OPS], env=env, capture_output=True, text=True, timeout=300)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(ek.__file__)))  # the enat_kernels under test
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _TRACE_TRITON_OPS], env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
