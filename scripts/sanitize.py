@@ -115,13 +115,19 @@ def gpu_error() -> str | None:
     return None
 
 
+# `python -P` (3.11+): the working directory (the repository) is not put first on
+# sys.path, so the installed enat_kernels, with its compiled extensions, is the one
+# tested, not the uncompiled ./enat_kernels (whose CUDA tests would all skip: "clean").
+PYTHON = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
+
+
 def tool_command(sanitizer: str, tool: str, log_file: Path, pytest_args: list[str]) -> list[str]:
     return [
         sanitizer, "--tool", tool, *TOOL_FLAGS[tool],
         "--target-processes", "all",  # pytest may start helper processes
         "--error-exitcode", str(ERROR_EXIT),
         "--log-file", str(log_file),
-        sys.executable, "-m", "pytest", *pytest_args,
+        *PYTHON, "-m", "pytest", *pytest_args,
     ]
 
 
@@ -205,7 +211,7 @@ def versions(sanitizer: str) -> dict:
     info["driver"] = _out(["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"])
     info["python"] = platform.python_version()
     info["host"] = platform.node()
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600, env=tool_env())
+    r = subprocess.run([*PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600, env=tool_env())
     if r.returncode == 0:
         import json
 
