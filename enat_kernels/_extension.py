@@ -79,9 +79,19 @@ def build_info() -> dict:
     return {k: getattr(info, k) for k in dir(info) if k.isupper()}
 
 
+# Kernels found registered: the extensions are never unloaded, so a kernel once
+# present stays present, and backend selection (every call) skips the dispatcher query.
+_present: set[tuple[str, str]] = set()
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether `enat_kernels::<op>` has a kernel registered for `dispatch_key`."""
+    if (op, dispatch_key) in _present:
+        return True
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"enat_kernels::{op}", dispatch_key)
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"enat_kernels::{op}", dispatch_key)
     except RuntimeError:  # op not defined at all
         return False
+    if found:
+        _present.add((op, dispatch_key))
+    return found

@@ -23,11 +23,16 @@ from . import _validation as check
 from . import reference
 
 
-def _ops(name: str):
-    """(mask_to_indices, gather_rows, scatter_rows) of backend `name`."""
-    if name == "torch":
-        return reference.mask_to_indices_ref, reference.gather_rows_ref, reference.scatter_rows_ref
-    return tuple(_dispatch.kernel(name, op) for op in ("mask_to_indices", "gather_rows", "scatter_rows"))
+_REFERENCE = {
+    "mask_to_indices": reference.mask_to_indices_ref,
+    "gather_rows": reference.gather_rows_ref,
+    "scatter_rows": reference.scatter_rows_ref,
+}
+
+
+def _op(name: str, op: str):
+    """Routing op `op` ("mask_to_indices", "gather_rows", "scatter_rows") of backend `name`."""
+    return _REFERENCE[op] if name == "torch" else _dispatch.kernel(name, op)
 
 
 def _rows(name: str, x) -> tuple[torch.Tensor, tuple]:
@@ -51,17 +56,17 @@ def _unrows(x: torch.Tensor, tail: tuple) -> torch.Tensor:
 
 def _mask_to_indices(mask: torch.Tensor, count, backend, op: str):
     name = _dispatch.select_routing(backend, mask.device, op)
-    return _ops(name)[0](mask.contiguous(), count)
+    return _op(name, "mask_to_indices")(mask.contiguous(), count)
 
 
 def _gather(x3: torch.Tensor, idx: torch.Tensor, backend, op: str) -> torch.Tensor:
     name = _dispatch.select_routing(backend, x3.device, op)
-    return _ops(name)[1](x3, idx.contiguous())
+    return _op(name, "gather_rows")(x3, idx.contiguous())
 
 
 def _scatter(a3, idx_a, b3, idx_b, seq_len, backend, op: str) -> torch.Tensor:
     name = _dispatch.select_routing(backend, a3.device, op)
-    return _ops(name)[2](a3, idx_a.contiguous(), b3, None if idx_b is None else idx_b.contiguous(), seq_len)
+    return _op(name, "scatter_rows")(a3, idx_a.contiguous(), b3, None if idx_b is None else idx_b.contiguous(), seq_len)
 
 
 def _check_pair(a, idx_a, b, idx_b):
