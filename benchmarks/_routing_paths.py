@@ -157,8 +157,41 @@ class BoolMask(RoutePath):
         return (full[case.vis].reshape(B, -1, C),)
 
 
-class IndexSelect(RoutePath):
-    name, role, family = "index_select", ANCHOR, "index"
+class _IndexAnchor(RoutePath):
+    """An anchor on explicit indices: positions from a sort of the mask, then one
+    take (gather) or put (scatter) per subset; subclasses supply _take and _put."""
+
+    role, family = ANCHOR, "index"
+
+    def _take(self, x, idx):
+        raise NotImplementedError
+
+    def _put(self, out, idx, src):
+        raise NotImplementedError
+
+    def split(self, case, x):
+        order, n = _sorted_positions(case.vis), case.shape.n_vis
+        return self._take(x, order[:, :n]), self._take(x, order[:, n:])
+
+    def gather(self, case, x):
+        return (self._take(x, _sorted_positions(case.new)[:, : case.shape.n_new]),)
+
+    def restore(self, case, vis, msk):
+        out = vis.new_empty(vis.shape[0], case.shape.L, vis.shape[2])
+        self._put(out, case.idx_vis, vis)
+        self._put(out, case.idx_msk, msk)
+        return (out,)
+
+    def merge(self, case, new, prev):
+        r_new, r_prev = _merge_ranks(case.idx_new, case.idx_prev)
+        out = new.new_empty(new.shape[0], case.shape.n_vis, new.shape[2])
+        self._put(out, r_new, new)
+        self._put(out, r_prev, prev)
+        return (out,)
+
+
+class IndexSelect(_IndexAnchor):
+    name = "index_select"
 
     def _take(self, x, idx):
         B, L, C = x.shape
@@ -168,57 +201,15 @@ class IndexSelect(RoutePath):
         B, L, C = out.shape
         out.view(B * L, C).index_copy_(0, _flat(idx, L), src.reshape(-1, C))
 
-    def split(self, case, x):
-        order, n = _sorted_positions(case.vis), case.shape.n_vis
-        return self._take(x, order[:, :n]), self._take(x, order[:, n:])
 
-    def gather(self, case, x):
-        return (self._take(x, _sorted_positions(case.new)[:, : case.shape.n_new]),)
+class Gather(_IndexAnchor):
+    name = "gather"
 
-    def restore(self, case, vis, msk):
-        out = vis.new_empty(vis.shape[0], case.shape.L, vis.shape[2])
-        self._put(out, case.idx_vis, vis)
-        self._put(out, case.idx_msk, msk)
-        return (out,)
-
-    def merge(self, case, new, prev):
-        r_new, r_prev = _merge_ranks(case.idx_new, case.idx_prev)
-        out = new.new_empty(new.shape[0], case.shape.n_vis, new.shape[2])
-        self._put(out, r_new, new)
-        self._put(out, r_prev, prev)
-        return (out,)
-
-
-class Gather(RoutePath):
-    name, role, family = "gather", ANCHOR, "index"
-
-    @staticmethod
-    def _take(x, idx):
+    def _take(self, x, idx):
         return torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
 
-    @staticmethod
-    def _put(out, idx, src):
+    def _put(self, out, idx, src):
         out.scatter_(1, idx[:, :, None].expand(-1, -1, out.shape[2]), src)
-
-    def split(self, case, x):
-        order, n = _sorted_positions(case.vis), case.shape.n_vis
-        return self._take(x, order[:, :n]), self._take(x, order[:, n:])
-
-    def gather(self, case, x):
-        return (self._take(x, _sorted_positions(case.new)[:, : case.shape.n_new]),)
-
-    def restore(self, case, vis, msk):
-        out = vis.new_empty(vis.shape[0], case.shape.L, vis.shape[2])
-        self._put(out, case.idx_vis, vis)
-        self._put(out, case.idx_msk, msk)
-        return (out,)
-
-    def merge(self, case, new, prev):
-        r_new, r_prev = _merge_ranks(case.idx_new, case.idx_prev)
-        out = new.new_empty(new.shape[0], case.shape.n_vis, new.shape[2])
-        self._put(out, r_new, new)
-        self._put(out, r_prev, prev)
-        return (out,)
 
 
 class Ours(RoutePath):

@@ -66,6 +66,35 @@ def _check(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, rows: t
     assert err <= tol * max(ref, 1e-6), f"{what}: max error {err:.3g} vs max |reference| {ref:.3g} (tolerance {tol:g} relative)"
 
 
+def checked_call(ctx: dict, path, env, backward: bool):
+    """call(i): path's forward (and backward) on input copy i, after checking copy 0
+    against the reference; and the number of copies.  Call inside path.context().
+
+    Raises Unsupported when the path refuses the inputs.  Shared with paired.py.
+    """
+    case: AttnCase = ctx["case"]
+    n = env.copies_for(case.bytes_per_copy(backward))
+    raw = [case.inputs(seed=i) for i in range(n)]
+    leaves = [path.prepare(case, x) for x in raw]
+    if backward:
+        leaves = [tuple(t.detach().requires_grad_() for t in lv) for lv in leaves]
+        dense_douts = [case.dout(seed=i) for i in range(n)]
+        douts = [path.path_dout(case, d) for d in dense_douts]
+    out = path.forward(case, *leaves[0])
+    want_out, want_grads = _expected(ctx, raw[0], dense_douts[0] if backward else None)
+    _check(f"{path.name} output", path.dense_out(case, out), want_out, TOL[env.dtype], case.q_valid)
+    if backward and path.canonical_leaves:
+        grads = torch.autograd.grad(out, leaves[0], douts[0])
+        for name, g, w in zip(("dq", "dk_cond", "dv_cond", "dk_self", "dv_self"), grads, want_grads):
+            _check(f"{path.name} {name}", g, w, GRAD_TOL[env.dtype])
+
+    def call(i: int):
+        o = path.forward(case, *leaves[i % n])
+        return torch.autograd.grad(o, leaves[i % n], douts[i % n]) if backward else o
+
+    return call, n
+
+
 def _run(benchmark, env, shape, path, direction: str):
     backward = direction == "fwd+bwd"
     ctx = _context(shape, env)
@@ -74,41 +103,11 @@ def _run(benchmark, env, shape, path, direction: str):
     if reason:
         pytest.skip(reason)
     benchmark.group = f"sc_attention {direction} | {shape.label}"
-    n = env.copies_for(case.bytes_per_copy(backward))
-
     with path.context():
-        raw = [case.inputs(seed=i) for i in range(n)]
-        leaves = [path.prepare(case, x) for x in raw]
-        if backward:
-            leaves = [tuple(t.detach().requires_grad_() for t in lv) for lv in leaves]
-            dense_douts = [case.dout(seed=i) for i in range(n)]
-            douts = [path.path_dout(case, d) for d in dense_douts]
         try:
-            out = path.forward(case, *leaves[0])
+            call, n = checked_call(ctx, path, env, backward)
         except Unsupported as e:
             pytest.skip(str(e))
-        want_out, want_grads = _expected(ctx, raw[0], dense_douts[0] if backward else None)
-        tol = TOL[env.dtype]
-        _check(f"{path.name} output", path.dense_out(case, out), want_out, tol, case.q_valid)
-        if backward:
-            grads = torch.autograd.grad(out, leaves[0], douts[0])
-            if path.canonical_leaves:
-                for name, g, w in zip(("dq", "dk_cond", "dv_cond", "dk_self", "dv_self"), grads, want_grads):
-                    _check(f"{path.name} {name}", g, w, GRAD_TOL[env.dtype])
-            del grads
-        del out, raw
-
-        if backward:
-
-            def call(i):
-                o = path.forward(case, *leaves[i])
-                return torch.autograd.grad(o, leaves[i], douts[i])
-
-        else:
-
-            def call(i):
-                return path.forward(case, *leaves[i])
-
         timing = measure(benchmark, call, n, env)
 
     flops, nbytes = attention_cost(

@@ -26,9 +26,9 @@ import time
 import torch
 
 from . import _env
-from ._attention_paths import AttnCase, attention_paths
+from ._attention_paths import AttnCase, Unsupported, attention_paths
 from ._cases import ATTN_SHAPES
-from .bench_sc_attention import GRAD_TOL, TOL, _check, _expected
+from .bench_sc_attention import checked_call
 
 DEFAULT_PATHS = {
     "cpu": "ours:cpu,reference,sdpa:default+cat,sdpa:default",
@@ -48,31 +48,19 @@ def _paired_env(rounds: int) -> _env.BenchEnv:
 
 
 def _prepare(path, case: AttnCase, env: _env.BenchEnv, backward: bool):
-    """A call(i) over rotated input copies, after checking the path against the reference; or a skip reason."""
+    """A call(i) over rotated input copies, checked against the reference and warmed up; or a skip reason."""
     reason = path.unavailable(case, backward)
     if reason:
         return None, reason
-    n = env.copies_for(case.bytes_per_copy(backward))
-    ctx = {"case": case}
     with path.context():
-        raw = [case.inputs(seed=i) for i in range(n)]
-        leaves = [path.prepare(case, x) for x in raw]
-        dense_douts = [case.dout(seed=i) for i in range(n)] if backward else None
-        if backward:
-            leaves = [tuple(t.detach().requires_grad_() for t in lv) for lv in leaves]
-            douts = [path.path_dout(case, d) for d in dense_douts]
-        out = path.forward(case, *leaves[0])
-        want_out, want_grads = _expected(ctx, raw[0], dense_douts[0] if backward else None)
-        _check(f"{path.name} output", path.dense_out(case, out), want_out, TOL[env.dtype], case.q_valid)
-        if backward and path.canonical_leaves:
-            grads = torch.autograd.grad(out, leaves[0], douts[0])
-            for name, g, w in zip(("dq", "dk_cond", "dv_cond", "dk_self", "dv_self"), grads, want_grads):
-                _check(f"{path.name} {name}", g, w, GRAD_TOL[env.dtype])
+        try:
+            checked, n = checked_call({"case": case}, path, env, backward)
+        except Unsupported as e:
+            return None, str(e)
 
     def call(i: int):
         with path.context():
-            o = path.forward(case, *leaves[i % n])
-            return torch.autograd.grad(o, leaves[i % n], douts[i % n]) if backward else o
+            return checked(i)
 
     for i in range(n):  # warm-up: compilation, allocator, first touch
         call(i)

@@ -32,6 +32,7 @@ from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
 from attention_cases import CASES, VARLEN_CASES, AttnCase, make_inputs, make_varlen_inputs
 from conftest import HAS_CUDA
+from test_sc_attention import _forward_backward
 from tolerances import assert_within_pytorch_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,21 +134,9 @@ def emulate(exe, workdir: Path, op, inputs, *, lens=(None, None), cu=(None, None
     return result
 
 
-def _grads(fn, inputs, dout, dlse):
-    """out, lse and the five input gradients of fn(*inputs) -> (out, lse)."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out, lse = fn(*leaves)
-    outputs, grads_in = [out], [dout.to(out.dtype)]
-    if dlse is not None:
-        outputs.append(lse)
-        grads_in.append(dlse.to(lse.dtype))
-    grads = torch.autograd.grad(outputs, leaves, grads_in, allow_unused=True)
-    return [out.detach(), lse.detach()] + [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-
-
 def _check_all(got: dict, ref, inputs, dout, dlse, dtype):
-    lowp = _grads(ref, inputs, dout, dlse)
-    oracle = _grads(ref, [t.double() for t in inputs], dout.double(), None if dlse is None else dlse.double())
+    lowp = _forward_backward(ref, inputs, dout, dlse)
+    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), None if dlse is None else dlse.double())
     for i, name in enumerate(("out", "lse") + GRADS):
         assert_within_pytorch_error(name, got[name], lowp[i], oracle[i], dtype)
 
@@ -288,7 +277,7 @@ def test_gpu_large_shapes_many_tiles(head_dim, dtype, gen, poison):
     def ref(*x):
         return sc_attention_ref(*x, cl, sl)
 
-    got = dict(zip(("out", "lse") + GRADS, _grads(fused, inputs, dout, dlse)))
+    got = dict(zip(("out", "lse") + GRADS, _forward_backward(fused, inputs, dout, dlse)))
     _check_all(got, ref, inputs, dout, dlse, dtype)
 
 
@@ -304,7 +293,7 @@ def test_gpu_output_only_gradient(case, dtype, gen, poison):
     def fused(*x):
         return ek.sc_attention(*x, cond_lens=cl, self_lens=sl, return_lse=True, backend="cuda")
 
-    got = dict(zip(("out", "lse") + GRADS, _grads(fused, inputs, dout, None)))
+    got = dict(zip(("out", "lse") + GRADS, _forward_backward(fused, inputs, dout, None)))
     _check_all(got, lambda *x: sc_attention_ref(*x, cl, sl), inputs, dout, None, dtype)
 
 

@@ -26,8 +26,7 @@ from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
 from attention_cases import make_varlen_inputs
 from backend_params import device_for, skip_unless_routes
-from test_sc_attention import _forward_backward
-from tolerances import assert_within_pytorch_error
+from test_sc_attention import _compare, _forward_backward
 
 # `poison` is one mode for the whole test, not per-example state.
 RANDOM = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -97,11 +96,6 @@ def _poison_padding(views, cond_lens, self_lens):
             t.masked_fill_(pad[:, :, None, None], float("nan"))
 
 
-def _compare_all(names, got, lowp, oracle, dtype):
-    for name, g, lp, ref in zip(names, got, lowp, oracle):
-        assert_within_pytorch_error(name, g, lp, ref, dtype)
-
-
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 @RANDOM
 @given(data=st.data())
@@ -142,7 +136,7 @@ def test_sc_attention_random(backend, data, poison):
     assert got[0].shape == (B, N, H, D) and got[0].dtype == dtype and got[0].is_contiguous()
     assert got[1].shape == (B, H, N)
     names = ["out", "lse"] + [f"grad of buffer {i} ({layout})" for i in range(len(bufs))]
-    _compare_all(names, got, lowp, oracle, dtype)
+    _compare(got, lowp, oracle, dtype, names)
 
 
 # ----------------------------------------------------------------------------- packed
@@ -190,7 +184,7 @@ def test_sc_attention_varlen_random(backend, data, poison):
     oracle = _forward_backward(ref, [b.double() for b in bufs], dout.double(), dlse.double())
     assert got[0].shape == (Tq, H, D) and got[1].shape == (H, Tq)
     names = ["out", "lse"] + [f"grad of buffer {i} ({layout})" for i in range(len(bufs))]
-    _compare_all(names, got, lowp, oracle, dtype)
+    _compare(got, lowp, oracle, dtype, names)
 
 
 # ----------------------------------------------------------------------------- routing

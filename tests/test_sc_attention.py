@@ -54,12 +54,9 @@ def _compare(results, lowp, oracle, dtype, names=NAMES):
         assert_within_pytorch_error(name, got, lp, ref, dtype)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", ek.BACKENDS)
-def test_dense(backend, dtype, case, gen, poison):
-    skip_unless_runs(backend, dtype, case.D)
-    dev = device_for(backend)
+def check_dense_against_oracle(backend, case, dtype, dev, gen):
+    """Output, lse and the five gradients (with dlse) of `backend` on `case`, against
+    the float64 reference, within the accuracy rule of tolerances.py."""
     q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, dev, gen)
     B, N, H, _ = q.shape
     dout = torch.randn(q.shape, generator=gen).to(dev, dtype)
@@ -78,6 +75,14 @@ def test_dense(backend, dtype, case, gen, poison):
     assert got[0].is_contiguous() and got[0].shape == q.shape
     assert got[1].shape == (B, H, N)
     _compare(got, lowp, oracle, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", ek.BACKENDS)
+def test_dense(backend, dtype, case, gen, poison):
+    skip_unless_runs(backend, dtype, case.D)
+    check_dense_against_oracle(backend, case, dtype, device_for(backend), gen)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in ("ragged", "views", "empty_cond")], ids=str)

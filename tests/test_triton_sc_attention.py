@@ -22,11 +22,10 @@ import torch
 
 import enat_kernels as ek
 from enat_kernels import _dispatch, _ops
-from enat_kernels.reference import sc_attention_ref
 
 from attention_cases import AttnCase, make_inputs
 from conftest import HAS_CUDA
-from test_sc_attention import _compare, _forward_backward
+from test_sc_attention import check_dense_against_oracle
 
 pytest.importorskip("triton")
 from enat_kernels.triton import sc_attention as sa  # noqa: E402
@@ -265,22 +264,7 @@ MULTI_BLOCK = [
 
 def _check_against_oracle(case, dtype, gen):
     """Forward and backward (with dlse) of the triton backend within the accuracy rule."""
-    q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, DEVICE, gen)
-    B, N, H, _ = q.shape
-    dout = torch.randn(q.shape, generator=gen).to(DEVICE, dtype)
-    dlse = torch.randn(B, H, N, generator=gen).to(DEVICE)
-
-    def fused(*x):
-        return ek.sc_attention(*x, cond_lens=cl, self_lens=sl, scale=case.scale, return_lse=True, backend="triton")
-
-    def ref(*x):
-        return sc_attention_ref(*x, cond_lens=cl, self_lens=sl, scale=case.scale)
-
-    inputs = (q, kc, vc, ks, vs)
-    got = _forward_backward(fused, inputs, dout, dlse)
-    lowp = _forward_backward(ref, inputs, dout, dlse)
-    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double())
-    _compare(got, lowp, oracle, dtype)
+    check_dense_against_oracle("triton", case, dtype, DEVICE, gen)
 
 
 @pytest.mark.parametrize("case", MULTI_BLOCK, ids=str)

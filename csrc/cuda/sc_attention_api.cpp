@@ -142,6 +142,33 @@ cuda::SeqLayout layout(const Form& f, const OptTensor& cond_lens, const OptTenso
   return L;
 }
 
+// The five attention inputs as the kernels read them (rows 16-byte aligned), and the
+// part of the forward and backward parameter structs that describes them.
+struct Inputs {
+  at::Tensor q, kc, vc, ks, vs;
+  Inputs(const at::Tensor& q_, const at::Tensor& kc_, const at::Tensor& vc_, const at::Tensor& ks_,
+         const at::Tensor& vs_)
+      : q(rows_aligned(q_)), kc(rows_aligned(kc_)), vc(rows_aligned(vc_)), ks(rows_aligned(ks_)),
+        vs(rows_aligned(vs_)) {}
+
+  template <typename Params>  // cuda::ScAttnFwdParams or cuda::ScAttnBwdParams
+  void fill(Params& p, const Form& f, const OptTensor& cond_lens, const OptTensor& self_lens, const OptTensor& cu_q,
+            const OptTensor& cu_c) const {
+    p.seqs = layout(f, cond_lens, self_lens, cu_q, cu_c);
+    p.head_dim = static_cast<int32_t>(f.D);
+    p.q = ptr(q);
+    p.k_cond = ptr(kc);
+    p.v_cond = ptr(vc);
+    p.k_self = ptr(ks);
+    p.v_self = ptr(vs);
+    p.q_st = strides(q, f.packed);
+    p.kc_st = strides(kc, f.packed);
+    p.vc_st = strides(vc, f.packed);
+    p.ks_st = strides(ks, f.packed);
+    p.vs_st = strides(vs, f.packed);
+  }
+};
+
 std::vector<int64_t> lse_shape(const Form& f) {
   if (f.packed) return {f.H, f.Tq};
   return {f.B, f.H, f.N};
@@ -157,24 +184,12 @@ std::tuple<at::Tensor, at::Tensor> sc_attn_fwd_cuda(const at::Tensor& q, const a
   const Form f = check_inputs(op, q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q,
                               cu_seqlens_cond, max_seqlen_q, max_seqlen_cond);
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qa = rows_aligned(q), kca = rows_aligned(k_cond), vca = rows_aligned(v_cond);
-  const at::Tensor ksa = rows_aligned(k_self), vsa = rows_aligned(v_self);
+  const Inputs in(q, k_cond, v_cond, k_self, v_self);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(lse_shape(f), q.options().dtype(at::kFloat));
 
   cuda::ScAttnFwdParams p{};
-  p.seqs = layout(f, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond);
-  p.head_dim = static_cast<int32_t>(f.D);
-  p.q = ptr(qa);
-  p.k_cond = ptr(kca);
-  p.v_cond = ptr(vca);
-  p.k_self = ptr(ksa);
-  p.v_self = ptr(vsa);
-  p.q_st = strides(qa, f.packed);
-  p.kc_st = strides(kca, f.packed);
-  p.vc_st = strides(vca, f.packed);
-  p.ks_st = strides(ksa, f.packed);
-  p.vs_st = strides(vsa, f.packed);
+  in.fill(p, f, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond);
   p.out = mut_ptr(out);
   p.lse = lse.data_ptr<float>();
   p.scale = static_cast<float>(scale);
@@ -201,8 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_attn_b
     TORCH_CHECK(dlse->sizes() == at::IntArrayRef(lshape) && dlse->device() == q.device(), op,
                 ": dlse must have lse's shape and device");
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qa = rows_aligned(q), kca = rows_aligned(k_cond), vca = rows_aligned(v_cond);
-  const at::Tensor ksa = rows_aligned(k_self), vsa = rows_aligned(v_self);
+  const Inputs in(q, k_cond, v_cond, k_self, v_self);
   const at::Tensor out_c = rows_aligned(out.contiguous()), dout_c = rows_aligned(dout.contiguous());
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor dlse_c = dlse.has_value() ? dlse->to(at::kFloat).contiguous() : at::Tensor();
@@ -214,18 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_attn_b
   at::Tensor delta = at::empty(lshape, q.options().dtype(at::kFloat));  // written by the dQ kernel
 
   cuda::ScAttnBwdParams p{};
-  p.seqs = layout(f, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond);
-  p.head_dim = static_cast<int32_t>(f.D);
-  p.q = ptr(qa);
-  p.k_cond = ptr(kca);
-  p.v_cond = ptr(vca);
-  p.k_self = ptr(ksa);
-  p.v_self = ptr(vsa);
-  p.q_st = strides(qa, f.packed);
-  p.kc_st = strides(kca, f.packed);
-  p.vc_st = strides(vca, f.packed);
-  p.ks_st = strides(ksa, f.packed);
-  p.vs_st = strides(vsa, f.packed);
+  in.fill(p, f, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond);
   p.out = ptr(out_c);
   p.dout = ptr(dout_c);
   p.lse = lse_c.data_ptr<float>();

@@ -193,11 +193,11 @@ SeqLayout layout() {
 int64_t q_rows(const SeqLayout& L) { return L.cu_q ? L.total_q : static_cast<int64_t>(L.batch) * L.max_q; }
 int64_t c_rows(const SeqLayout& L) { return L.cu_q ? L.total_c : static_cast<int64_t>(L.batch) * L.max_c; }
 
-template <int D, class E>
-void run_fwd() {
-  ScAttnFwdParams p{};
+// The part of the forward and backward parameters that describes the five inputs.
+template <class Params>  // ScAttnFwdParams or ScAttnBwdParams
+void fill_inputs(Params& p, int head_dim) {
   p.seqs = layout();
-  p.head_dim = D;
+  p.head_dim = head_dim;
   p.q = input<uint16_t>("q");
   p.k_cond = input<uint16_t>("k_cond");
   p.v_cond = input<uint16_t>("v_cond");
@@ -208,6 +208,12 @@ void run_fwd() {
   p.vc_st = strides("v_cond");
   p.ks_st = strides("k_self");
   p.vs_st = strides("v_self");
+}
+
+template <int D, class E>
+void run_fwd() {
+  ScAttnFwdParams p{};
+  fill_inputs(p, D);
   p.scale = std::stof(spec("scale")[0]);
   const SeqLayout& L = p.seqs;
   p.out = output<uint16_t>("out", q_rows(L) * L.heads * D);
@@ -220,18 +226,7 @@ void run_fwd() {
 template <int D, class E>
 void run_bwd() {
   ScAttnBwdParams p{};
-  p.seqs = layout();
-  p.head_dim = D;
-  p.q = input<uint16_t>("q");
-  p.k_cond = input<uint16_t>("k_cond");
-  p.v_cond = input<uint16_t>("v_cond");
-  p.k_self = input<uint16_t>("k_self");
-  p.v_self = input<uint16_t>("v_self");
-  p.q_st = strides("q");
-  p.kc_st = strides("k_cond");
-  p.vc_st = strides("v_cond");
-  p.ks_st = strides("k_self");
-  p.vs_st = strides("v_self");
+  fill_inputs(p, D);
   p.out = input<uint16_t>("out");
   p.dout = input<uint16_t>("dout");
   p.lse = input<float>("lse");
