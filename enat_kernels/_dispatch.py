@@ -92,25 +92,36 @@ def _op_error(name: str, op: str, device_type: str) -> str | None:
     if name == "triton":
         from . import triton as _triton
 
-        return None if _triton.has_op(op) else f"the triton backend has no {op} kernel"
+        return _triton.op_error(op)
     key = "CPU" if name == "cpu" else "CUDA"
     if not _extension.has_kernel(op, key):
         return f"the {name} backend has no {op} kernel in this build"
     return None
 
 
-def attention_error(name: str, device_type: str, dtype: torch.dtype, head_dim: int) -> str | None:
-    """None when backend `name` can compute SC-Attention for these inputs, else why not."""
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device; the current device when it names none ("cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def attention_error(name: str, device: str | torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when backend `name` can compute SC-Attention for these inputs, else why not.
+
+    device: the inputs' device ("cuda:1", a torch.device) or a device type ("cuda":
+    then capabilities are those of the current device).
+    """
+    device = torch.device(device)
+    device_type = device.type
     err = _op_error(name, "sc_attn_fwd", device_type)
     if err is not None:
         return err
     if name == "cuda" and torch.cuda.is_available():
         # The kernels need sm_80 (mma.sync m16n8k16, cp.async); the adapter would
-        # raise a RuntimeError, the API says so up front.  (The current device: the
-        # capability of a tensor's own device is not passed down to here.)
-        major, minor = torch.cuda.get_device_capability()
+        # raise a RuntimeError, the API says so up front, for the inputs' own device.
+        index = cuda_index(device)
+        major, minor = torch.cuda.get_device_capability(index)
         if major < 8:
-            return f"the cuda backend needs compute capability 8.0 or newer, the device has {major}.{minor}"
+            return f"the cuda backend needs compute capability 8.0 or newer, the device cuda:{index} has {major}.{minor}"
     caps = ATTENTION_CAPS[name]
     if name == "triton" and device_type == "cpu" and dtype == torch.bfloat16:
         return "the Triton interpreter (CPU) does not support bfloat16"
@@ -170,16 +181,17 @@ def _requested(backend: str | None) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def _choose_attention(requested, dt: str, dtype, head_dim: int, n_q, n_cond):
+def _choose_attention(requested, device: str, dtype, head_dim: int, n_q, n_cond):
+    dt = torch.device(device).type
     if requested is not None:
-        err = attention_error(requested, dt, dtype, head_dim)
+        err = attention_error(requested, device, dtype, head_dim)
         if err is not None:
             return None, f"backend={requested!r} cannot run these inputs: {err}"
         log.info("sc_attention: backend %s (forced)", requested)
         return requested, None
     order = _cuda_attention_order(dtype, head_dim, n_q, n_cond) if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
-        err = attention_error(name, dt, dtype, head_dim)
+        err = attention_error(name, device, dtype, head_dim)
         if err is None:
             log.info("sc_attention: backend %s (auto, %s %s head_dim %d)", name, dt, _dtype_name(dtype), head_dim)
             return name, None
@@ -196,7 +208,9 @@ def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: i
     """
     if torch.compiler.is_compiling():
         n_q = n_cond = None
-    name, err = _choose_attention(_requested(backend), device.type, dtype, operator.index(head_dim), n_q, n_cond)
+    # The device as a string: a constant for torch.compile, and it keeps the index
+    # whose capability decides (not the current device's).
+    name, err = _choose_attention(_requested(backend), str(device), dtype, operator.index(head_dim), n_q, n_cond)
     if err is not None:
         raise ValueError(err)
     return name
@@ -274,9 +288,14 @@ def backends() -> dict[str, BackendStatus]:
         if name == "torch":
             out[name] = BackendStatus(True, "reference PyTorch math, every device")
             continue
-        ops = [op for op in ("sc_attn_fwd", "gather_rows") if _op_error(name, op, dt) is None]
         have = {"sc_attn_fwd": "sc_attention", "gather_rows": "token routing"}
-        kinds = ", ".join(have[o] for o in ops) or "no kernels yet"
+        op_errors = {op: _op_error(name, op, dt) for op in have}
+        kinds = ", ".join(have[o] for o, e in op_errors.items() if e is None)
+        missing = "; ".join(dict.fromkeys(e for e in op_errors.values() if e is not None))  # one line per distinct reason
+        if not kinds and name == "triton" and missing:  # every kernel module failed to load
+            out[name] = BackendStatus(False, missing)
+            continue
         where = "CPU (Triton interpreter)" if name == "triton" and dt == "cpu" else dt.upper()
-        out[name] = BackendStatus(True, f"{where}: {kinds}")
+        note = f" ({missing})" if missing and name == "triton" else ""
+        out[name] = BackendStatus(True, f"{where}: {kinds or 'no kernels yet'}{note}")
     return out

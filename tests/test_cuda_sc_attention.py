@@ -34,6 +34,7 @@ from attention_cases import CASES, VARLEN_CASES, AttnCase, make_inputs, make_var
 from conftest import HAS_CUDA
 from test_sc_attention import _forward_backward
 from tolerances import assert_within_pytorch_error
+from test_unowned_rows import assert_unowned_rows, spare_rows_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU_SRC = ROOT / "csrc" / "cuda" / "sc_attention_emu" / "emu_main.cpp"
@@ -213,6 +214,21 @@ def test_emulated_varlen_loose_max_seqlen(emulator, tmp_path, gen):
     inputs = (q, kc, vc, ks, vs)
     got = _emulate_fwd_bwd(emulator, tmp_path, inputs, dout, None, cu=(cu_q, cu_c), max_q=mq + 100, max_c=mc + 70, scale=0.125)
     _check_all(got, lambda *x: sc_attention_varlen_ref(*x, cu_q, cu_c, mq, mc), inputs, dout, None, dtype)
+
+
+@pytest.mark.parametrize("layout", ["tail", "head_and_tail", "no_sequence_rows"])
+def test_emulated_unowned_rows_are_zero(emulator, tmp_path, layout, gen):
+    """Packed rows no sequence owns: zeros in out and the gradients, -inf in lse (the
+    emulator's outputs start as NaN, the unowned input rows hold NaN); owned rows as usual."""
+    dtype = torch.float16
+    inputs, cu_q, cu_c, mq, mc, un_q, un_c = spare_rows_inputs(layout, 2, 32, dtype, "cpu", gen)
+    dout = torch.randn(inputs[0].shape, generator=gen).to(dtype)
+    dlse = torch.randn(2, inputs[0].shape[0], generator=gen)
+    got = _emulate_fwd_bwd(emulator, tmp_path, inputs, dout, dlse, cu=(cu_q, cu_c), max_q=mq, max_c=mc, scale=32**-0.5)
+    assert_unowned_rows(got["out"], got["lse"], [got[n] for n in GRADS], un_q, un_c)
+    ref = sc_attention_varlen_ref(*[t.double() for t in inputs], cu_q, cu_c, mq, mc, 32**-0.5)
+    torch.testing.assert_close(got["out"].double(), ref[0], atol=2e-2, rtol=0)
+    torch.testing.assert_close(got["lse"].double(), ref[1], atol=2e-2, rtol=0)
 
 
 def test_emulated_out_of_range_lengths_stay_in_bounds(emulator, tmp_path, gen):

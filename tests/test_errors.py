@@ -259,8 +259,9 @@ def test_forced_cuda_backend_needs_sm80(monkeypatch):
     _pretend_kernels_exist(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     err = _dispatch.attention_error("cuda", "cuda", torch.float16, 64)
-    assert err == "the cuda backend needs compute capability 8.0 or newer, the device has 7.5"
+    assert err == "the cuda backend needs compute capability 8.0 or newer, the device cuda:0 has 7.5"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert _dispatch.attention_error("cuda", "cuda", torch.float16, 64) is None
 

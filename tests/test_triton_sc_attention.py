@@ -317,9 +317,13 @@ def _csrc_schema(op: str) -> str:
 
 @pytest.mark.parametrize("op", ["sc_attn_fwd", "sc_attn_bwd"])
 def test_schema_matches_csrc(op):
+    """Same arguments (names, types, order) and return types as the C++ op.  The schema
+    is inferred from annotations on every torch (torch < 2.14 ignores triton_op's
+    schema=), and an inferred schema has unnamed returns."""
     ours = sa.OPS[op]._opoverload._schema
     theirs = torch._C.parse_schema("enat_kernels::triton_" + _csrc_schema(op))
-    assert str(ours) == str(theirs)
+    assert str(ours).split(" -> ")[0] == str(theirs).split(" -> ")[0]
+    assert [str(r.type) for r in ours.returns] == [str(r.type) for r in theirs.returns]
     assert ours.name == f"enat_kernels::triton_{op}"
 
 

@@ -6,8 +6,12 @@
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/fill.h>
+#include <ATen/ops/narrow.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -157,6 +161,17 @@ Problem describe(const at::Tensor& q, const at::Tensor& k_cond, const at::Tensor
   return p;
 }
 
+// Packed form: the rows no sequence owns, before cu[0] and from cu[batch] on (offsets
+// clamped to the tensor), get `value` (0 in outputs and gradients, -inf in lse); the
+// kernels write only owned rows.  row_dim: the dimension of x that indexes packed rows.
+void fill_unowned_rows(const int32_t* cu, int64_t batch, at::Tensor& x, int64_t row_dim, double value) {
+  const int64_t total = x.size(row_dim);
+  const int64_t lo = std::clamp<int64_t>(cu[0], 0, total);
+  const int64_t hi = std::max(std::clamp<int64_t>(cu[batch], 0, total), lo);
+  if (lo > 0) x.narrow(row_dim, 0, lo).fill_(value);
+  if (hi < total) x.narrow(row_dim, hi, total - hi).fill_(value);
+}
+
 at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::vector<int64_t> lse_shape(const at::Tensor& q) {
@@ -178,6 +193,10 @@ std::tuple<at::Tensor, at::Tensor> sc_attn_fwd_cpu(const at::Tensor& q, const at
   p.out = rows_view(out);
   p.lse = lse_view(lse);
   if (out.numel() > 0) run_forward(p);
+  if (q.dim() == 3) {
+    fill_unowned_rows(p.cu_q, p.batch, out, 0, 0.0);
+    fill_unowned_rows(p.cu_q, p.batch, lse, 1, -std::numeric_limits<double>::infinity());
+  }
   return {out, lse};
 }
 
@@ -219,6 +238,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_attn_b
   p.dk_self = rows_view(dk_self);
   p.dv_self = rows_view(dv_self);
   if (p.batch > 0 && p.heads > 0 && p.head_dim > 0) run_backward(p);
+  if (q.dim() == 3) {
+    for (at::Tensor* g : {&dq, &dk_self, &dv_self}) fill_unowned_rows(p.cu_q, p.batch, *g, 0, 0.0);
+    for (at::Tensor* g : {&dk_cond, &dv_cond}) fill_unowned_rows(p.cu_cond, p.batch, *g, 0, 0.0);
+  }
   return {dq, dk_cond, dv_cond, dk_self, dv_self};
 }
 

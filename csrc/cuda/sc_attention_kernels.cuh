@@ -627,6 +627,47 @@ SCA_DEVICE void bwd_dkv_block(const ScAttnBwdParams& p, char* smem, int64_t bloc
   store_acc_rows<D, E>(dv, row_stride, dva, 1.f, 1.f, k0 + warp * 16, ks.len, ks.rows, lane);
 }
 
+// ----------------------------------------------------------------------------- rows no sequence owns
+
+constexpr int kUnownedRows = 16, kUnownedThreads = 128;  // rows and threads per block
+
+// Zeros (and -inf in lse) in the unowned rows among block `block`'s kUnownedRows rows.
+// Reads the two bounding offsets on the device, so the host never syncs; a block whose
+// rows are all owned (nearly all of them) returns after those two loads.
+SCA_DEVICE void unowned_rows_block(const UnownedRows& u, int64_t block, int tid) {
+  const int64_t lo = min_<int64_t>(max_<int64_t>(ld_global(u.cu), 0), u.total);
+  const int64_t hi = max_<int64_t>(min_<int64_t>(max_<int64_t>(ld_global(u.cu + u.batch), 0), u.total), lo);
+  const int64_t r0 = block * kUnownedRows, r1 = min_<int64_t>(r0 + kUnownedRows, u.total);
+  if (r0 >= lo && r1 <= hi) return;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r >= lo && r < hi) continue;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      if (u.x[i] == nullptr) continue;
+      for (int64_t e = tid; e < u.row_elems; e += kUnownedThreads) st_global<uint16_t>(u.x[i] + r * u.row_elems + e, 0);
+    }
+    if (u.lse != nullptr)
+      for (int h = tid; h < u.heads; h += kUnownedThreads) st_global(u.lse + h * u.total + r, -kInf);
+  }
+}
+
+// The fill of packed q-rows (out and lse; dq, dk_self, dv_self) or cond rows (dk_cond,
+// dv_cond); no rows (cu null) in the dense form.
+inline UnownedRows unowned_rows(const int32_t* cu, const SeqLayout& L, int64_t total, int head_dim, uint16_t* x0,
+                                uint16_t* x1, uint16_t* x2, float* lse) {
+  UnownedRows u{};
+  u.cu = cu;
+  u.batch = L.batch;
+  u.heads = L.heads;
+  u.total = cu != nullptr ? total : 0;
+  u.row_elems = static_cast<int64_t>(L.heads) * head_dim;
+  u.x[0] = x0, u.x[1] = x1, u.x[2] = x2;
+  u.lse = lse;
+  return u;
+}
+
+inline int64_t unowned_rows_blocks(const UnownedRows& u) { return (u.total + kUnownedRows - 1) / kUnownedRows; }
+
 // ----------------------------------------------------------------------------- grids
 
 // Blocks of each kernel (one-dimensional grids; 0 means nothing to launch).

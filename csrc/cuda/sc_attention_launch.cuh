@@ -28,6 +28,20 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkv_kernel(const ScAttnBwdP
   bwd_dkv_block<Cfg, E>(p, smem, blockIdx.x, threadIdx.x);
 }
 
+// A template only so that every .cu file including this header may define it.
+template <int kRows>
+__global__ void __launch_bounds__(kUnownedThreads) unowned_rows_kernel(const UnownedRows u) {
+  unowned_rows_block(u, blockIdx.x, threadIdx.x);
+}
+
+inline cudaError_t fill_unowned_rows(const UnownedRows& u, cudaStream_t stream) {
+  const int64_t blocks = unowned_rows_blocks(u);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
+  unowned_rows_kernel<kUnownedRows><<<static_cast<unsigned>(blocks), kUnownedThreads, 0, stream>>>(u);
+  return cudaGetLastError();
+}
+
 // One launch of a one-dimensional grid; nothing for an empty grid.  Dynamic shared
 // memory above the default 48 KiB needs a per-kernel opt-in: set once per device (a host
 // call, not stream-ordered; after the first, warm-up launch it stays out of graph captures).
@@ -59,8 +73,12 @@ template <int D>
 cudaError_t sc_attn_fwd_hdim(const ScAttnFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
   using Cfg = sca::FwdCfg<D>;
   const int64_t blocks = sca::fwd_blocks<D>(p.seqs);
-  if (dtype == AttnDtype::kFloat16) return sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Fp16>>(blocks, p, stream);
-  return sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Bf16>>(blocks, p, stream);
+  cudaError_t err = dtype == AttnDtype::kFloat16 ? sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Fp16>>(blocks, p, stream)
+                                                 : sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Bf16>>(blocks, p, stream);
+  if (err == cudaSuccess)
+    err = sca::fill_unowned_rows(sca::unowned_rows(p.seqs.cu_q, p.seqs, p.seqs.total_q, D, p.out, nullptr, nullptr, p.lse),
+                                 stream);
+  return err;
 }
 
 template <int D>
@@ -76,6 +94,12 @@ cudaError_t sc_attn_bwd_hdim(const ScAttnBwdParams& p, AttnDtype dtype, cudaStre
     err = sca::launch<DqCfg, sca::bwd_dq_kernel<DqCfg, sca::Bf16>>(dq_blocks, p, stream);
     if (err == cudaSuccess) err = sca::launch<DkvCfg, sca::bwd_dkv_kernel<DkvCfg, sca::Bf16>>(dkv_blocks, p, stream);
   }
+  const SeqLayout& L = p.seqs;
+  if (err == cudaSuccess)
+    err = sca::fill_unowned_rows(sca::unowned_rows(L.cu_q, L, L.total_q, D, p.dq, p.dk_self, p.dv_self, nullptr), stream);
+  if (err == cudaSuccess)
+    err = sca::fill_unowned_rows(sca::unowned_rows(L.cu_c, L, L.total_c, D, p.dk_cond, p.dv_cond, nullptr, nullptr),
+                                 stream);
   return err;
 }
 

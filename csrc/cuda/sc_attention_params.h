@@ -55,4 +55,16 @@ struct ScAttnBwdParams {
   float scale;
 };
 
+// Packed form: the rows of packed tensors that no sequence owns, before cu[0] and from
+// cu[batch] on (offsets clamped to [0, total]).  They get zeros in the 16-bit tensors x[i]
+// (contiguous (total, row_elems); null entries skipped) and -inf in lse ((heads, total)
+// float32; nullable).  The attention kernels write only owned rows.
+struct UnownedRows {
+  const int32_t* cu;
+  int32_t batch, heads;
+  int64_t total, row_elems;
+  uint16_t* x[3];
+  float* lse;
+};
+
 }  // namespace enat_kernels::cuda

@@ -9,6 +9,7 @@ On a machine without a GPU the kernels run on CPU tensors under Triton's interpr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -35,6 +36,8 @@ def triton_error(device_type: str) -> str | None:
         import triton  # noqa: F401
     except ImportError as e:
         return f"triton is not installed ({e})"
+    except Exception as e:  # a broken install must not break the other backends
+        return f"importing triton failed: {type(e).__name__}: {e}"
     if not hasattr(torch.library, "triton_op"):
         return f"torch {torch.__version__} has no torch.library.triton_op"
     if device_type == "cuda":
@@ -44,25 +47,60 @@ def triton_error(device_type: str) -> str | None:
     return f"Triton kernels do not run on {device_type} tensors"
 
 
+# kernel module name -> why importing it failed (so the failure is reported, not retried)
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def device_guard(device: torch.device):
+    """Makes the tensors' CUDA device current: Triton launches on the current device and
+    stream, which need not be the tensors' (tensors on cuda:1 while cuda:0 is current)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def launch(kernel, grid: tuple, device: torch.device, /, **kwargs) -> None:
+    """Launch a Triton kernel through ``wrap_triton`` (visible to torch.compile) on `device`.
+
+    Every kernel of this package launches here, so none runs on the wrong GPU."""
+    with device_guard(device):
+        torch.library.wrap_triton(kernel)[grid](**kwargs)
+
+
 def _module(op: str):
+    """The loaded kernel module defining `op`, or None (not written, or failed to load).
+
+    Any exception while loading (an old torch rejecting the op registration, a Triton
+    that cannot compile, a missing dependency) is recorded for `op_error` instead of
+    raised: a broken Triton backend must never break another backend or auto-selection.
+    """
     name = _MODULES.get(op)
-    if name is None:
+    if name is None or name in _LOAD_ERRORS:
         return None
     loaded = sys.modules.get(f"{__name__}.{name}")
     if loaded is not None:  # no importlib call: torch.compile traces this path without a graph break
         return loaded
     try:
         return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":  # kernel not written yet
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == f"{__name__}.{name}":  # kernel not written yet
             return None
-        raise
+        _LOAD_ERRORS[name] = f"loading {__name__}.{name} failed: {type(e).__name__}: {e}"
+    return None
+
+
+def op_error(op: str) -> str | None:
+    """None when the Triton op `op` is registered, else why not."""
+    mod = _module(op)
+    if mod is not None and op in getattr(mod, "OPS", {}):
+        return None
+    name = _MODULES.get(op)
+    return _LOAD_ERRORS.get(name) or f"the triton backend has no {op} kernel"
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it at trace time (it imports)
 def has_op(op: str) -> bool:
-    mod = _module(op)
-    return mod is not None and op in getattr(mod, "OPS", {})
+    return op_error(op) is None
 
 
 def op(name: str):

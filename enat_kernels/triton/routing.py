@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _ops
+from . import launch
 
 # Words a row is moved in, widest first.
 _WORD_DTYPES = {4: torch.int32, 2: torch.int16, 1: torch.int8}
@@ -129,9 +130,9 @@ def _copy_rows(dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, src_len,
     block_w = min(triton.next_power_of_2(row_words), _MAX_ROW_BLOCK)
     block_r = max(1, min(_TILE_WORDS // block_w, triton.next_power_of_2(rows)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(row_words, block_w))
-    wrap_triton(_copy_rows_kernel)[grid](
-        dst_w, src_w, idx, rows, N, src_len, dst_len, row_words,
-        SCATTER=scatter, BLOCK_R=block_r, BLOCK_W=block_w,
+    launch(
+        _copy_rows_kernel, grid, dst.device, dst_ptr=dst_w, src_ptr=src_w, idx_ptr=idx, rows=rows, N=N,
+        src_len=src_len, dst_len=dst_len, row_words=row_words, SCATTER=scatter, BLOCK_R=block_r, BLOCK_W=block_w,
     )
 
 
@@ -158,7 +159,8 @@ def mask_to_indices(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
     lens = mask.new_empty((B,), dtype=torch.int32)
     if B > 0:  # count == 0 still launches: lens must be written
         block = min(triton.next_power_of_2(max(L, count, 16)), _SCAN_BLOCK)
-        wrap_triton(_mask_to_indices_kernel)[(B,)](mask.view(torch.uint8), indices, lens, L, count, BLOCK=block)
+        launch(_mask_to_indices_kernel, (B,), mask.device, mask_ptr=mask.view(torch.uint8), idx_ptr=indices,
+               lens_ptr=lens, L=L, count=count, BLOCK=block)
     return indices, lens
 
 

@@ -25,30 +25,18 @@ import math
 import torch
 import triton
 from torch._subclasses.functional_tensor import FunctionalTensorMode
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from triton.runtime.interpreter import InterpretedFunction
 
 from .. import _ops
+from . import launch
 from .sc_attention_config import backward_config, forward_config
 from .sc_attention_kernels import (
+    fill_unowned_rows_kernel,
     sc_attn_bwd_dkdv_kernel,
     sc_attn_bwd_dq_kernel,
     sc_attn_bwd_preprocess_kernel,
     sc_attn_fwd_kernel,
-)
-
-# The argument lists of csrc/schema.cpp (tests/test_triton_sc_attention.py checks they match).
-FWD_SCHEMA = (
-    "(Tensor q, Tensor k_cond, Tensor v_cond, Tensor k_self, Tensor v_self, "
-    "Tensor? cond_lens, Tensor? self_lens, Tensor? cu_seqlens_q, Tensor? cu_seqlens_cond, "
-    "SymInt max_seqlen_q, SymInt max_seqlen_cond, float scale) -> (Tensor out, Tensor lse)"
-)
-BWD_SCHEMA = (
-    "(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cond, Tensor v_cond, "
-    "Tensor k_self, Tensor v_self, Tensor out, Tensor lse, Tensor? cond_lens, "
-    "Tensor? self_lens, Tensor? cu_seqlens_q, Tensor? cu_seqlens_cond, "
-    "SymInt max_seqlen_q, SymInt max_seqlen_cond, float scale) "
-    "-> (Tensor dq, Tensor dk_cond, Tensor dv_cond, Tensor dk_self, Tensor dv_self)"
 )
 
 LOG2E = math.log2(math.e)
@@ -155,6 +143,23 @@ def backward_launches(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, c
     return ((q_blocks * rows,), pre), ((key_blocks * rows,), dkdv), ((q_blocks * rows,), dqa)
 
 
+def fill_unowned_rows(cu_seqlens: torch.Tensor, tensors: list, value: float, rows_last: bool = False) -> None:
+    """Set the rows of packed tensors that no sequence owns (docs/KERNEL_CONTRACT.md) to
+    `value`: contiguous (T, H, D) tensors, or one (H, T) lse-shaped tensor (rows_last)."""
+    x = tensors[0]
+    total = x.shape[-1] if rows_last else x.shape[0]
+    width = x.shape[0] if rows_last else x[0].numel()
+    if total == 0 or width == 0:
+        return
+    stride_r, stride_c = (1, x.stride(0)) if rows_last else (width, 1)
+    block_w = min(triton.next_power_of_2(width), 256)
+    block_r = max(1, min(4096 // block_w, 128))
+    ptrs = list(tensors) + [None] * (3 - len(tensors))
+    launch(fill_unowned_rows_kernel, (triton.cdiv(total, block_r), triton.cdiv(width, block_w)), x.device,
+           X0=ptrs[0], X1=ptrs[1], X2=ptrs[2], CU=cu_seqlens, batch=cu_seqlens.shape[0] - 1, total=total,
+           width=width, stride_r=stride_r, stride_c=stride_c, value=value, BLOCK_R=block_r, BLOCK_W=block_w)
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -163,9 +168,17 @@ def _check_supported(q: torch.Tensor) -> None:
     forward_config(q.device, q.shape[-1], q.dtype)
 
 
-@triton_op("enat_kernels::triton_sc_attn_fwd", mutates_args=(), schema=FWD_SCHEMA)
-def sc_attn_fwd(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond,
-                max_seqlen_q, max_seqlen_cond, scale):
+# The schemas are inferred from the annotations (torch before 2.14 ignores triton_op's
+# schema= argument), so one schema holds on every supported torch; their argument lists
+# are those of csrc/schema.cpp (tests/test_triton_sc_attention.py checks they match).
+Tensor = torch.Tensor
+OptTensor = torch.Tensor | None
+
+
+@triton_op("enat_kernels::triton_sc_attn_fwd", mutates_args=())
+def sc_attn_fwd(q: Tensor, k_cond: Tensor, v_cond: Tensor, k_self: Tensor, v_self: Tensor,
+                cond_lens: OptTensor, self_lens: OptTensor, cu_seqlens_q: OptTensor, cu_seqlens_cond: OptTensor,
+                max_seqlen_q: int, max_seqlen_cond: int, scale: float) -> tuple[Tensor, Tensor]:
     _check_supported(q)
     out_shape, lse_shape, lse_dtype = _ops.sc_attn_fwd_shapes(q)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -173,13 +186,18 @@ def sc_attn_fwd(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seql
     grid, args = forward_launch(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q,
                                 cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale, out, lse)
     if grid[0] > 0:
-        wrap_triton(sc_attn_fwd_kernel)[grid](**args)
+        launch(sc_attn_fwd_kernel, grid, q.device, **args)
+    if q.dim() == 3:
+        fill_unowned_rows(cu_seqlens_q, [out], 0.0)
+        fill_unowned_rows(cu_seqlens_q, [lse], float("-inf"), rows_last=True)
     return out, lse
 
 
-@triton_op("enat_kernels::triton_sc_attn_bwd", mutates_args=(), schema=BWD_SCHEMA)
-def sc_attn_bwd(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_lens, self_lens,
-                cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale):
+@triton_op("enat_kernels::triton_sc_attn_bwd", mutates_args=())
+def sc_attn_bwd(dout: Tensor, dlse: OptTensor, q: Tensor, k_cond: Tensor, v_cond: Tensor, k_self: Tensor,
+                v_self: Tensor, out: Tensor, lse: Tensor, cond_lens: OptTensor, self_lens: OptTensor,
+                cu_seqlens_q: OptTensor, cu_seqlens_cond: OptTensor, max_seqlen_q: int, max_seqlen_cond: int,
+                scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_supported(q)
     inputs = (q, k_cond, v_cond, k_self, v_self)
     if (max_seqlen_q if q.dim() == 3 else q.shape[1]) == 0 or q.numel() == 0:
@@ -193,9 +211,12 @@ def sc_attn_bwd(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_le
     pre, dkdv, dq = backward_launches(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_lens,
                                       self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond,
                                       scale, delta, grads)
-    wrap_triton(sc_attn_bwd_preprocess_kernel)[pre[0]](**pre[1])
-    wrap_triton(sc_attn_bwd_dkdv_kernel)[dkdv[0]](**dkdv[1])
-    wrap_triton(sc_attn_bwd_dq_kernel)[dq[0]](**dq[1])
+    launch(sc_attn_bwd_preprocess_kernel, pre[0], q.device, **pre[1])
+    launch(sc_attn_bwd_dkdv_kernel, dkdv[0], q.device, **dkdv[1])
+    launch(sc_attn_bwd_dq_kernel, dq[0], q.device, **dq[1])
+    if q.dim() == 3:
+        fill_unowned_rows(cu_seqlens_q, [grads[0], grads[3], grads[4]], 0.0)
+        fill_unowned_rows(cu_seqlens_cond, [grads[1], grads[2]], 0.0)
     return tuple(grads)
 
 

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _dispatch
+
 # Integer kernel arguments that vary with the sequence lengths (never specialized).
 NO_SPECIALIZE = ("seqlen_q", "seqlen_c", "total_q", "total_c", "stride_lb", "stride_lh")
 
@@ -121,7 +123,7 @@ def gpu_family(device: torch.device) -> str:
     """Which table applies to a device ("hopper" for the interpreter's CPU tensors)."""
     if device.type != "cuda":
         return "hopper"
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _dispatch.cuda_index(device)
     family = _FAMILIES.get(index)
     if family is None:
         major = torch.cuda.get_device_capability(index)[0]

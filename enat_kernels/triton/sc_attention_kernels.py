@@ -431,3 +431,31 @@ def sc_attn_bwd_dq_kernel(
     dq = tl.where(valid[:, None], dq * sm_scale, 0.0)
     _store_rows(_row_ptr(DQ, b, q_start, h, stride_dqb, stride_dqm, stride_dqh, VARLEN), start_m, stride_dqm,
                 offs_m, offs_d, dq, q_rows)
+
+
+# ----------------------------------------------------------------------------- rows no sequence owns
+
+
+@triton.jit(do_not_specialize=("batch", "total", "stride_c"))
+def fill_unowned_rows_kernel(
+    X0, X1, X2, CU, batch, total, width, stride_r, stride_c, value,
+    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Packed form: set the rows no sequence owns, those before cu[0] and from cu[batch]
+    on (offsets clamped to [0, total]), to `value` in up to three tensors of one layout
+    (X1, X2 may be None): row t, column c at t * stride_r + c * stride_c.  The main
+    kernels write only owned rows; the fill reads two offsets on the device (no host
+    sync) and its masked stores touch nothing else."""
+    lo = tl.minimum(tl.maximum(tl.load(CU), 0), total)
+    hi = tl.maximum(tl.minimum(tl.maximum(tl.load(CU + batch), 0), total), lo)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    unowned = ((rows < lo) | (rows >= hi)) & (rows < total)
+    mask = unowned[:, None] & (cols < width)[None, :]
+    offs = rows[:, None] * stride_r + cols[None, :].to(tl.int64) * stride_c
+    fill = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32) + value
+    tl.store(X0 + offs, fill.to(X0.dtype.element_ty), mask=mask)
+    if X1 is not None:
+        tl.store(X1 + offs, fill.to(X1.dtype.element_ty), mask=mask)
+    if X2 is not None:
+        tl.store(X2 + offs, fill.to(X2.dtype.element_ty), mask=mask)

@@ -210,6 +210,13 @@ void fill_inputs(Params& p, int head_dim) {
   p.vs_st = strides("v_self");
 }
 
+// The launcher's fill of rows no sequence owns (sc_attention_launch.cuh); the kernel
+// uses no shared memory (the emulated block still gets a small buffer).
+void run_unowned_rows(const UnownedRows& u) {
+  run_grid([](const UnownedRows& uu, char*, int64_t b, int t) { sca::unowned_rows_block(uu, b, t); }, u,
+           sca::unowned_rows_blocks(u), sca::kUnownedThreads, 256);
+}
+
 template <int D, class E>
 void run_fwd() {
   ScAttnFwdParams p{};
@@ -221,6 +228,7 @@ void run_fwd() {
   using Cfg = sca::FwdCfg<D>;
   run_grid([](const ScAttnFwdParams& pp, char* s, int64_t b, int t) { sca::fwd_block<Cfg, E>(pp, s, b, t); }, p,
            sca::fwd_blocks<D>(L), Cfg::kThreads, Cfg::kSmemBytes);
+  run_unowned_rows(sca::unowned_rows(L.cu_q, L, L.total_q, D, p.out, nullptr, nullptr, p.lse));
 }
 
 template <int D, class E>
@@ -245,6 +253,8 @@ void run_bwd() {
            p, sca::bwd_dq_blocks<D>(L), DqCfg::kThreads, DqCfg::kSmemBytes);
   run_grid([](const ScAttnBwdParams& pp, char* s, int64_t b, int t) { sca::bwd_dkv_block<DkvCfg, E>(pp, s, b, t); },
            p, sca::bwd_dkv_blocks<D>(L), DkvCfg::kThreads, DkvCfg::kSmemBytes);
+  run_unowned_rows(sca::unowned_rows(L.cu_q, L, L.total_q, D, p.dq, p.dk_self, p.dv_self, nullptr));
+  run_unowned_rows(sca::unowned_rows(L.cu_c, L, L.total_c, D, p.dk_cond, p.dv_cond, nullptr, nullptr));
 }
 
 template <class E>
