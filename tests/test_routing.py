@@ -665,3 +665,72 @@ def test_cpu_and_cuda_kernels_registered():
         assert _extension.has_kernel(op, "CPU"), op
         if _extension.cuda_extension_error() is None:
             assert _extension.has_kernel(op, "CUDA"), op
+
+
+# ----------------------------------------------------------------------------- recompilation
+
+
+def _sampling_counts(seq_len: int = 256, steps: int = 8) -> list[int]:
+    """Every token count the routing ops see in one sampling run (cosine schedule), plus
+    the values Triton specializes integers on (1, multiples of 16)."""
+    import dataclasses
+
+    from enat.sampler import SamplingPlan
+
+    plan = SamplingPlan.build(seq_len, [steps], 2.5, 4.5, 1.0)
+    counts = {c for s in range(plan.total_steps) for c in dataclasses.astuple(plan.counts(s))}
+    return sorted(counts | {1, 16, 32, seq_len - 1, seq_len})
+
+
+def _routing_keys(count: int, dtype, width: int, L: int = 256, B: int = 2):
+    """{launch kind: Triton specialization key} of mask_to_indices, gather and scatter at
+    one token count: the key that selects (or compiles) a kernel variant."""
+    from test_triton_sc_attention import _jit
+
+    from enat_kernels.triton import routing as T
+
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    idx = torch.empty(B, count, dtype=torch.int64)
+    x, rows = torch.empty(B, L, width, dtype=dtype), torch.empty(B, count, width, dtype=dtype)
+    launches = {
+        "mask_to_indices": (T._mask_to_indices_kernel, T.mask_to_indices_launch(mask, count, idx, torch.empty(B, dtype=torch.int32))),
+        "gather": (T._copy_rows_kernel, T.copy_rows_launch(rows, x, idx, L, count, scatter=False)),
+        "scatter": (T._copy_rows_kernel, T.copy_rows_launch(x, rows, idx, count, L, scatter=True)),
+    }
+    return {kind: repr(_jit(kernel)[2](**launch[1])[1]) for kind, (kernel, launch) in launches.items() if launch is not None}
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 768), (torch.int64, 1)], ids=["tokens", "ids"])
+def test_triton_routing_compiles_once_per_row_width(dtype, width):
+    """Over a whole sampling run's token counts (L = 256, T = 8) each routing kernel has one
+    specialization key, so one compiled variant per (dtype, row width): the counts never
+    reach the key (not specialized, block sizes from the row width only)."""
+    pytest.importorskip("triton")
+    counts = _sampling_counts()
+    assert len(counts) > 10
+    variants: dict = {}
+    for count in counts:
+        for kind, key in _routing_keys(count, dtype, width).items():
+            variants.setdefault(kind, set()).add(key)
+    assert {kind: len(keys) for kind, keys in variants.items()} == {"mask_to_indices": 1, "gather": 1, "scatter": 1}
+    # Not vacuous: the key does follow the row width and the sequence length.
+    assert _routing_keys(5, dtype, width + 3)["gather"] != _routing_keys(5, dtype, width)["gather"]
+    assert _routing_keys(5, dtype, width, L=64)["mask_to_indices"] != _routing_keys(5, dtype, width)["mask_to_indices"]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="counts compiled GPU kernels (needs a GPU)")
+def test_triton_routing_jit_cache_stays_put_over_a_sampling_run(gen):
+    """On a GPU: after the first step's counts, the rest of the run compiles nothing."""
+    from enat_kernels.triton import routing as T
+
+    dev = torch.cuda.current_device()
+    jit = (T._mask_to_indices_kernel, T._copy_rows_kernel)
+    x = torch.randn(2, 256, 768, generator=gen).to("cuda", torch.bfloat16)
+    sizes = []
+    for count in _sampling_counts():
+        mask = torch.rand(2, 256, generator=gen).to("cuda") < count / 256
+        idx, _ = T.mask_to_indices(mask, count)
+        T.scatter_rows(T.gather_rows(x, idx), idx, None, None, 256)
+        torch.cuda.synchronize()
+        sizes.append([len(k.device_caches[dev][0]) for k in jit])
+    assert all(s == sizes[0] for s in sizes), sizes

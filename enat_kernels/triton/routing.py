@@ -32,13 +32,21 @@ _WORD_DTYPES = {4: torch.int32, 2: torch.int16, 1: torch.int8}
 # registers to keep several programs per SM.
 _TILE_WORDS = 4096
 _MAX_ROW_BLOCK = 1024  # words of one row handled by one program (longer rows: more programs)
+_MAX_ROWS = 128  # rows per program (narrow rows)
 _SCAN_BLOCK = 1024  # mask entries one mask_to_indices step reads
+
+# One compiled variant per (dtype, row width): the token counts change at every sampling
+# step, so the integer arguments that follow them are never specialized (Triton would
+# otherwise compile new variants when a count is 1 or a multiple of 16), and the block
+# sizes depend only on the row width (L for mask_to_indices).
+_COUNT_ARGS_SCAN = ("L", "count")
+_COUNT_ARGS_COPY = ("rows", "N", "src_len", "dst_len")
 
 
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNT_ARGS_SCAN)
 def _mask_to_indices_kernel(mask_ptr, idx_ptr, lens_ptr, L, count, BLOCK: tl.constexpr):
     """One program per batch row: a running prefix sum over the row gives every True
     entry its output slot, so indices come out ascending with no atomics."""
@@ -61,7 +69,7 @@ def _mask_to_indices_kernel(mask_ptr, idx_ptr, lens_ptr, L, count, BLOCK: tl.con
         tl.store(out + i, pad, mask=(i >= n) & (i < count))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_COUNT_ARGS_COPY)
 def _copy_rows_kernel(
     dst_ptr, src_ptr, idx_ptr, rows, N, src_len, dst_len, row_words,
     SCATTER: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -118,22 +126,39 @@ def _view_words(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.view(_WORD_DTYPES[size])
 
 
-def _copy_rows(dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, src_len, dst_len, scatter: bool) -> None:
-    """Launch _copy_rows_kernel on word views of dst and src (same dtype and row size)."""
+def copy_rows_launch(dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, src_len, dst_len, scatter: bool):
+    """(grid, kwargs) of _copy_rows_kernel on word views of dst and src (same dtype and
+    row size); None when there is nothing to move (never an empty grid)."""
     B, N = idx.shape
     rows = B * N
     size = _word_size(dst, src)
     dst_w, src_w = _view_words(dst, size), _view_words(src, size)
     row_words = dst_w.shape[2]
     if rows == 0 or row_words == 0:
-        return  # nothing to move; never launch an empty grid
+        return None
     block_w = min(triton.next_power_of_2(row_words), _MAX_ROW_BLOCK)
-    block_r = max(1, min(_TILE_WORDS // block_w, triton.next_power_of_2(rows)))
+    block_r = max(1, min(_TILE_WORDS // block_w, _MAX_ROWS))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(row_words, block_w))
-    launch(
-        _copy_rows_kernel, grid, dst.device, dst_ptr=dst_w, src_ptr=src_w, idx_ptr=idx, rows=rows, N=N,
-        src_len=src_len, dst_len=dst_len, row_words=row_words, SCATTER=scatter, BLOCK_R=block_r, BLOCK_W=block_w,
+    return grid, dict(
+        dst_ptr=dst_w, src_ptr=src_w, idx_ptr=idx, rows=rows, N=N, src_len=src_len, dst_len=dst_len,
+        row_words=row_words, SCATTER=scatter, BLOCK_R=block_r, BLOCK_W=block_w,
     )
+
+
+def mask_to_indices_launch(mask: torch.Tensor, count: int, indices: torch.Tensor, lens: torch.Tensor):
+    """(grid, kwargs) of _mask_to_indices_kernel (one program per row; count == 0 still
+    launches: lens must be written); None for an empty batch."""
+    B, L = mask.shape
+    if B == 0:
+        return None
+    block = min(triton.next_power_of_2(max(L, 16)), _SCAN_BLOCK)
+    return (B,), dict(mask_ptr=mask.view(torch.uint8), idx_ptr=indices, lens_ptr=lens, L=L, count=count, BLOCK=block)
+
+
+def _launch(kernel, device: torch.device, launch_args) -> None:
+    if launch_args is not None:
+        grid, kwargs = launch_args
+        launch(kernel, grid, device, **kwargs)
 
 
 def _check_rows(name: str, x: torch.Tensor, idx: torch.Tensor, batch) -> None:
@@ -154,13 +179,10 @@ def _check_rows(name: str, x: torch.Tensor, idx: torch.Tensor, batch) -> None:
 def mask_to_indices(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     torch._check(mask.dtype == torch.bool and mask.dim() == 2 and mask.is_contiguous(), lambda: "mask must be a contiguous bool (B, L) tensor")
     torch._check(count >= 0, lambda: "count must be non-negative")
-    B, L = mask.shape
+    B = mask.shape[0]
     indices = mask.new_empty((B, count), dtype=torch.int64)
     lens = mask.new_empty((B,), dtype=torch.int32)
-    if B > 0:  # count == 0 still launches: lens must be written
-        block = min(triton.next_power_of_2(max(L, count, 16)), _SCAN_BLOCK)
-        launch(_mask_to_indices_kernel, (B,), mask.device, mask_ptr=mask.view(torch.uint8), idx_ptr=indices,
-               lens_ptr=lens, L=L, count=count, BLOCK=block)
+    _launch(_mask_to_indices_kernel, mask.device, mask_to_indices_launch(mask, count, indices, lens))
     return indices, lens
 
 
@@ -168,7 +190,7 @@ def mask_to_indices(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     _check_rows("x", x, idx, x.shape[0])
     out = x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
-    _copy_rows(out, x, idx, x.shape[1], idx.shape[1], scatter=False)
+    _launch(_copy_rows_kernel, x.device, copy_rows_launch(out, x, idx, x.shape[1], idx.shape[1], scatter=False))
     return out
 
 
@@ -186,9 +208,9 @@ def scatter_rows(
             lambda: "b must match a in dtype, device and row size, and idx_b must have one entry per row of b",
         )
     out = a.new_zeros((a.shape[0], seq_len, a.shape[2]))
-    _copy_rows(out, a, idx_a, a.shape[1], seq_len, scatter=True)
+    _launch(_copy_rows_kernel, a.device, copy_rows_launch(out, a, idx_a, a.shape[1], seq_len, scatter=True))
     if b is not None and idx_b is not None:
-        _copy_rows(out, b, idx_b, b.shape[1], seq_len, scatter=True)
+        _launch(_copy_rows_kernel, a.device, copy_rows_launch(out, b, idx_b, b.shape[1], seq_len, scatter=True))
     return out
 
 
