@@ -178,7 +178,7 @@ def test_every_triton_launch_runs_under_the_inputs_device(monkeypatch, triton_im
 
     guards, launches = [], []
     inside = []
-    real_guard, real_wrap = ek_triton.device_guard, torch.library.wrap_triton
+    real_guard, real_launcher = ek_triton.device_guard, ek_triton._launcher
 
     @contextlib.contextmanager
     def recording_guard(device):
@@ -188,12 +188,12 @@ def test_every_triton_launch_runs_under_the_inputs_device(monkeypatch, triton_im
             yield
         inside.pop()
 
-    def recording_wrap(kernel):
+    def recording_launcher(kernel):
         launches.append((kernel, bool(inside)))
-        return real_wrap(kernel)
+        return real_launcher(kernel)
 
     monkeypatch.setattr(ek_triton, "device_guard", recording_guard)
-    monkeypatch.setattr(torch.library, "wrap_triton", recording_wrap)
+    monkeypatch.setattr(ek_triton, "_launcher", recording_launcher)
     dev = torch.device(_triton_device())
     q = torch.randn(2, 5, 2, 16, generator=gen).to(dev).requires_grad_()
     kc = torch.randn(2, 3, 2, 16, generator=gen).to(dev)
@@ -205,3 +205,20 @@ def test_every_triton_launch_runs_under_the_inputs_device(monkeypatch, triton_im
     tr.scatter_rows(tr.gather_rows(x, idx), idx, None, None, 4)
     assert len(launches) >= 7 and all(ok for _, ok in launches), launches
     assert guards and all(g == dev for g in guards)
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, fails", [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                                   ("3.8.0", "2.4.6", False), ("3.5.1", "2.5.0", True)])
+def test_interpreter_refused_where_triton_cannot_run_it(monkeypatch, triton_version, numpy_version, fails):
+    """Triton < 3.8's interpreter with numpy >= 2.4 fails inside every kernel with a loop: the
+    backend says so (and falls back) instead of raising from a kernel."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    err = ek_triton.triton_error("cpu")
+    assert (err is not None) == fails
+    if fails:
+        assert f"Triton {triton_version}" in err and f"numpy {numpy_version}" in err and "numpy<2.4" in err

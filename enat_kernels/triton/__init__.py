@@ -43,12 +43,30 @@ def triton_error(device_type: str) -> str | None:
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device is visible"
     if device_type == "cpu":
-        return None if interpreting() else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        return _interpreter_error() if interpreting() else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     return f"Triton kernels do not run on {device_type} tensors"
 
 
 # kernel module name -> why importing it failed (so the failure is reported, not retried)
 _LOAD_ERRORS: dict[str, str] = {}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _interpreter_error() -> str | None:
+    """The interpreter of Triton before 3.8 converts loop bounds (1-element arrays) with
+    int(), which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"); Triton 3.8 squeezes them first.  A Triton bug, not a kernel one: on a GPU
+    the kernels compile and run with any numpy."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 8) and _version(numpy.__version__) >= (2, 4):
+        return (f"the interpreter of Triton {triton.__version__} fails with numpy {numpy.__version__} "
+                "(int() of 1-element arrays); use numpy<2.4 or Triton>=3.8 to run Triton kernels on CPU tensors")
+    return None
 
 
 def device_guard(device: torch.device):
@@ -59,12 +77,22 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device)
 
 
-def launch(kernel, grid: tuple, device: torch.device, /, **kwargs) -> None:
-    """Launch a Triton kernel through ``wrap_triton`` (visible to torch.compile) on `device`.
+def _launcher(kernel):
+    """What launches `kernel`: ``wrap_triton``'s wrapper, which torch.compile sees through;
+    under the interpreter the kernel itself, which runs eagerly on real memory (there the
+    ops are opaque to the compiler anyway, and torch < 2.14's wrap_triton refuses it)."""
+    from triton.runtime.interpreter import InterpretedFunction
 
-    Every kernel of this package launches here, so none runs on the wrong GPU."""
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def launch(kernel, grid: tuple, device: torch.device, /, **kwargs) -> None:
+    """Launch a Triton kernel on `device`.  Every kernel of this package launches here,
+    so none runs on the wrong GPU."""
     with device_guard(device):
-        torch.library.wrap_triton(kernel)[grid](**kwargs)
+        _launcher(kernel)[grid](**kwargs)
 
 
 def _module(op: str):
