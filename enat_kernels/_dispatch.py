@@ -279,8 +279,8 @@ def backends() -> dict[str, BackendStatus]:
         if name == "triton" and not torch.cuda.is_available():
             from . import triton as _triton
 
-            if _triton.triton_error("cpu") is None:
-                dt = "cpu"  # interpreter mode
+            if _triton.interpreting():
+                dt = "cpu"  # interpreter mode (its reason when it cannot run)
         err = backend_error(name, dt)
         if err is not None:
             out[name] = BackendStatus(False, err)

@@ -148,7 +148,7 @@ def fill_unowned_rows(cu_seqlens: torch.Tensor, tensors: list, value: float, row
     `value`: contiguous (T, H, D) tensors, or one (H, T) lse-shaped tensor (rows_last)."""
     x = tensors[0]
     total = x.shape[-1] if rows_last else x.shape[0]
-    width = x.shape[0] if rows_last else x[0].numel()
+    width = x.shape[0] if rows_last else math.prod(x.shape[1:])
     if total == 0 or width == 0:
         return
     stride_r, stride_c = (1, x.stride(0)) if rows_last else (width, 1)

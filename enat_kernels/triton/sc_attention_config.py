@@ -9,9 +9,12 @@ lengths.
 
 Why these sizes.  They have not been timed on a GPU yet (none was available); they
 were checked by compiling every entry ahead of time for sm_90 and sm_80 and reading
-ptxas's report: no register spills for 16-bit inputs, wgmma on Hopper, pipelined
-cp.async loads and 16-byte vector loads (tests/test_triton_sc_attention.py keeps
-checking a few entries this way).
+ptxas's report: no register spills for float16 and bfloat16 at head_dim 32, 64 and
+128 with both ends of the supported Triton range (3.6 and 3.8), wgmma on Hopper,
+pipelined cp.async loads and 16-byte vector loads (tests/test_triton_sc_attention.py
+keeps checking a few entries this way, including the one that is tightest: sm_80,
+bfloat16, head_dim 128, where a 64-query forward needs 255 registers and spills on
+Triton 3.6, so that entry uses 32 queries per program).
 
 - ENAT's attention is short and memory-bound: at Nq = 128, Nc = 128, D = 64 one
   (row, head) does ~90 FLOP per byte of Q/K/V/O, below an H100's ridge (~300), and
