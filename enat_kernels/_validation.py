@@ -169,11 +169,15 @@ def cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device
         raise ValueError(f"{name} must have as many entries as {like[0]} ({like[1].shape[0]}: batch + 1), got {cu.shape[0]}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
+    max_seqlen = size(max_name, max_seqlen)
     # No sequence can be longer than the packed rows; a bound far above them would only
-    # size empty scratch buffers and launch grids (and overflow their sizes).
-    max_seqlen = at_most(max_name, size(max_name, max_seqlen), total, " (the number of packed rows)")
+    # size empty scratch buffers and launch grids (and overflow their sizes).  Checked
+    # after the value checks, whose messages say more when the offsets are wrong too.
+    def bounded():
+        return at_most(max_name, max_seqlen, total, " (the number of packed rows)")
+
     if not _reads(cu):
-        return max_seqlen
+        return bounded()
     c = cu.long()
     steps = c[1:] - c[:-1] if c.numel() > 1 else c.new_zeros(1)
     # First, last, smallest and largest step in one host sync.
@@ -186,7 +190,7 @@ def cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device
         raise ValueError(f"{name} must be non-decreasing")
     if hi > max_seqlen:
         raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({hi})")
-    return max_seqlen
+    return bounded()
 
 
 def scale(value) -> float | None:

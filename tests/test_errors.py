@@ -128,6 +128,7 @@ CASES = [
     ("attn-scale-inf", attn(scale=float("inf")), ValueError, "scale must be finite, got inf"),
     ("attn-scale-type", attn(scale="0.5"), TypeError, "scale must be a float or None, got str"),
     ("attn-scale-tensor", attn(scale=torch.tensor(0.5)), TypeError, "scale must be a float or None, got Tensor"),
+    ("attn-scale-overflow", attn(scale=10**400), ValueError, "scale must be finite, got an int beyond float's range"),
     ("attn-backend-name", attn(backend="flash"), ValueError, "backend must be one of ('triton', 'cuda', 'cpu', 'torch') or None, got 'flash'"),
     ("attn-backend-unavailable", attn(backend="cuda"), ValueError, "backend='cuda' cannot run these inputs: the cuda backend runs on CUDA tensors, got cpu tensors"),
     # -- sc_attention_varlen
@@ -146,6 +147,7 @@ CASES = [
     ("varlen-max-negative", varlen(max_seqlen_cond=-1), ValueError, "max_seqlen_cond must be non-negative, got -1"),
     ("varlen-max-float", varlen(max_seqlen_q=4.0), TypeError, "max_seqlen_q must be an int, got float"),
     ("varlen-max-tensor", varlen(max_seqlen_q=torch.tensor(4)), TypeError, "max_seqlen_q must be an int, got Tensor"),
+    ("varlen-max-beyond", varlen(max_seqlen_q=2**63 - 1), ValueError, "max_seqlen_q must lie in [0, 7] (the number of packed rows), got 9223372036854775807"),
     ("varlen-no-cond-nonzero-cu", varlen(k_cond=None, v_cond=None), ValueError, "cu_seqlens_cond[-1] must equal the number of packed rows (0), got 6"),
     # -- mask_to_indices
     ("mask-dtype", lambda: ek.mask_to_indices(mask().to(torch.uint8), 3), TypeError, "mask must have dtype in (bool), got uint8"),
@@ -169,6 +171,7 @@ CASES = [
     # -- scatter_tokens / restore_tokens
     ("scatter-seq-len-type", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, -1]), 5.0), TypeError, "seq_len must be an int, got float"),
     ("scatter-seq-len-negative", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, -1]), -1), ValueError, "seq_len must be non-negative, got -1"),
+    ("scatter-seq-len-beyond", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, -1]), 2**40), ValueError, "seq_len must lie in [0, 2147483647] (tokens per row are int32-bounded), got 1099511627776"),
     ("scatter-indices-beyond", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, 5]), 5), ValueError, "idx_a entries must lie in [0, 5) or be -1 (padding), got min 0 and max 5"),
     ("scatter-indices-duplicate", lambda: ek.scatter_tokens(A(), idx([2, 2], [1, -1]), 5), ValueError, "idx_a repeat a token index in batch row 0"),
     ("scatter-indices-count", lambda: ek.scatter_tokens(A(3), idx([0, 2], [1, -1]), 5), ValueError, "tokens mismatch: idx_a.shape[1] = 2 but a.shape[1] = 3"),
@@ -273,7 +276,29 @@ def test_backend_env_variable_is_checked(monkeypatch):
 
 
 # Rows of docs/ERRORS.md tested by the functions just above rather than by CASES.
-EXTRA_ROWS = ("attn-forced-head-dim", "attn-forced-dtype", "attn-forced-capability", "backend-env")
+EXTRA_ROWS = ("attn-forced-head-dim", "attn-forced-dtype", "attn-forced-capability", "backend-env", "attn-double-backward")
+
+
+@pytest.mark.parametrize("backend", [b for b in ek.BACKENDS if b != "torch"])
+def test_double_backward_is_refused(backend, gen):
+    """The fused backwards have no derivative: differentiating them raises, naming the
+    backend and the torch backend; the first derivative (create_graph=True) is still right."""
+    skip_unless_runs(backend, torch.float32, 16)
+    dev = device_for(backend)
+    q, kc, vc, ks, vs = (torch.randn(1, n, 2, 16, generator=gen).to(dev).requires_grad_() for n in (5, 3, 3, 5, 5))
+    out = ek.sc_attention(q, kc, vc, ks, vs, backend=backend)
+    (gq,) = torch.autograd.grad((out * out).sum(), q, create_graph=True)
+    ref = sc_attention_ref(q, kc, vc, ks, vs)[0]
+    (want,) = torch.autograd.grad((ref * ref).sum(), q, create_graph=True)
+    torch.testing.assert_close(gq, want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(RuntimeError, match=rf"sc_attention \(backend='{backend}'\) does not support double backward .* Use backend='torch'"):
+        gq.sum().backward()
+
+
+def test_double_backward_torch_backend_is_right(gen):
+    """What the error above points to: the torch backend's second derivative is exact."""
+    q, kc, vc, ks, vs = (torch.randn(1, n, 1, 4, dtype=torch.float64, generator=gen).requires_grad_() for n in (3, 2, 2, 3, 3))
+    assert torch.autograd.gradgradcheck(lambda *t: ek.sc_attention(*t, backend="torch"), (q, kc, vc, ks, vs))
 
 
 # ----------------------------------------------------------------------------- value checks off
