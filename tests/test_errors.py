@@ -455,3 +455,94 @@ def test_nan_in_valid_data_propagates_padding_is_never_read(backend, gen):
     out = ek.sc_attention(q, kc, vc, ks, vs, cond_lens=torch.tensor([Nc, 4], device=dev), backend=backend)
     assert out[0].isnan().all()
     assert not out[1].isnan().any()
+
+
+# ----------------------------------------------------------------------------- enat: model API and enat-sample
+
+
+def _state_with_1d_embedding():
+    from enat import ENAT
+
+    state = ENAT("e2d1-c32h2-l16-v64-k10").state_dict()
+    state["x_embedder.word_embeddings.weight"] = state["x_embedder.word_embeddings.weight"].flatten()
+    return state
+
+
+def _enat(config):
+    from enat import ENAT
+
+    return lambda: ENAT(config)
+
+
+def _infer(state):
+    from enat import infer_config
+
+    return lambda: infer_config(state)
+
+
+# enat rejections: (id, call, exception, message); rows in docs/ERRORS.md, section "enat".
+ENAT_CASES = [
+    ("enat-config-none", _enat(None), TypeError, "config must be an ENATConfig or a configuration name (str), got NoneType"),
+    ("enat-config-int", _enat(123), TypeError, "config must be an ENATConfig or a configuration name (str), got int"),
+    ("enat-config-too-large", _enat("e99999999d1-c64h2-l64"), ValueError, "configuration e99999999d1-c64h2-l64 has 9.13e+12 parameters, above the limit of 1e+11"),
+    ("enat-checkpoint-1d-embedding", _infer(_state_with_1d_embedding()), Exception, "x_embedder.word_embeddings.weight must be a 2-D tensor (codebook size + 1, width), got (2080,)"),
+]
+
+
+@pytest.mark.parametrize("call, exc, message", [pytest.param(c, e, m, id=i) for i, c, e, m in ENAT_CASES])
+def test_enat_rejects(call, exc, message):
+    with pytest.raises(exc, match=re.escape(message)):
+        call()
+
+
+CLI_TINY = ["--config", "e2d1-c32h2-l16-v64-k10", "-n", "3", "-b", "2", "--steps", "2", "--quiet"]
+
+# enat-sample arguments: (id, arguments replacing CLI_TINY's, message after "enat-sample: "); exit code 2.
+CLI_CASES = [
+    ("cli-num-samples-zero", ["-n", "0"], "-n/--num-samples must be at least 1, got 0"),
+    ("cli-num-samples-negative", ["-n", "-5"], "-n/--num-samples must be at least 1, got -5"),
+    ("cli-batch-size-zero", ["-b", "0"], "-b/--batch-size must be at least 1, got 0"),
+    ("cli-steps-zero", ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("cli-steps-negative", ["--steps", "-3"], "--steps must be at least 1, got -3"),
+    ("cli-threads-negative", ["--threads", "-1"], "--threads must be at least 1, got -1"),
+    ("cli-heads-zero", ["--heads", "0"], "--heads must be at least 1, got 0"),
+    ("cli-cfg-nan", ["--cfg", "nan"], "--cfg must be a finite number, got nan"),
+    ("cli-cfg-inf", ["--cfg", "inf"], "--cfg must be a finite number, got inf"),
+    ("cli-mask-temp-nan", ["--mask-temp", "nan"], "--mask-temp must be a finite number, got nan"),
+    ("cli-samp-temp-negative", ["--samp-temp", "-1"], "--samp-temp must be non-negative, got -1.0"),
+    ("cli-class-negative", ["--class", "-1"], "--class must be non-negative, got -1"),
+    ("cli-class-beyond", ["--class", "5000"], "--class must lie in [0, 9] (e2d1-c32h2-l16-v64-k10 has 10 classes), got 5000"),
+    ("cli-out-is-file", ["--out", "{file}"], "--out must be a folder, but {file} is a file"),
+    ("cli-resume-and-overwrite", ["--resume", "--overwrite"], "--resume keeps earlier slices and --overwrite deletes them: give one"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [pytest.param(a, m, id=i) for i, a, m in CLI_CASES])
+def test_cli_rejects(argv, message, tmp_path, capsys):
+    from enat.cli import main
+
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    argv = [a.replace("{file}", str(file)) for a in argv]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in argv else []
+    assert main(CLI_TINY + out + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("enat-sample: ") and message.replace("{file}", str(file)) in err, err
+    assert not (tmp_path / "out" / "slices").exists()  # refused before any work
+
+
+def test_cli_refuses_to_delete_earlier_results(tmp_path, capsys):
+    """Row cli-earlier-results: a second run into the same folder needs --resume or --overwrite."""
+    from enat.cli import main
+
+    out = ["--out", str(tmp_path)]
+    assert main(CLI_TINY + out) == 0
+    before = sorted(p.read_bytes() for p in (tmp_path / "slices").glob("slice_*.npz"))
+    capsys.readouterr()
+    assert main(CLI_TINY + out) == 2
+    assert f"{tmp_path / 'slices'} holds 2 slices of an earlier run; pass --resume to keep them or --overwrite to delete them" in capsys.readouterr().err
+    assert sorted(p.read_bytes() for p in (tmp_path / "slices").glob("slice_*.npz")) == before
+    assert main(CLI_TINY + out + ["--overwrite"]) == 0
+
+
+EXTRA_ROWS += tuple(c[0] for c in ENAT_CASES) + tuple(c[0] for c in CLI_CASES) + ("cli-earlier-results",)
