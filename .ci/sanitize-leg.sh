@@ -18,12 +18,15 @@ start=$SECONDS
 # Every package directory of the calling environment (its own .pth files included).
 base_paths="$(python -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))')"
 tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
 venv="$tmp/venv-sanitize"
 python -m venv "$venv"
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$base_paths" > "$site/base-env.pth"
 
 echo "== sanitize: build _C with ASan + UBSan (CPU only)"
+# The build needs setuptools and ninja; CI's environment (made with build isolation) may lack them.
+"$venv/bin/python" -c "import setuptools, ninja" 2>/dev/null || "$venv/bin/python" -m pip install -q setuptools wheel ninja
 # A copy of the sources, so the sanitized objects and _build_info.py never mix with the
 # normal build's.
 src="$tmp/src"
@@ -56,5 +59,4 @@ echo "== sanitize: CPU, randomized and adversarial suites"
     test_cpu_sc_attention.py test_adversarial.py test_randomized.py test_routing.py test_sc_attention.py test_errors.py \
     -k "cpu" "$@")
 unset LD_PRELOAD
-rm -rf "$tmp"
 echo "== sanitize leg passed in $((SECONDS - start)) s"

@@ -138,6 +138,18 @@ def case(name, on, off=None):
     return register
 
 
+def _op_direct(backend, max_q, max_c):
+    """The compiled op called directly (no Python checks): the adapter must cap max_seqlen."""
+    if backend != "cpu":
+        return  # the CUDA adapter refuses max_seqlen beyond int32 instead; other backends have no such op
+    q, kc, vc, ks, vs = _packed(backend)
+    cq, cc = _cu(backend, 0, 3, 8), _cu(backend, 0, 2, 6)
+    out, lse = torch.ops.enat_kernels.sc_attn_fwd(q, kc, vc, ks, vs, None, None, cq, cc, max_q, max_c, 0.25)
+    want = torch.ops.enat_kernels.sc_attn_fwd(q, kc, vc, ks, vs, None, None, cq, cc, 5, 4, 0.25)
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    (out.sum() + lse.sum()).backward()
+
+
 def _define():
     V, T, OK = "ValueError", "TypeError", "ok"
 
@@ -151,6 +163,7 @@ def _define():
     case("max-seqlen-far-below", V, OK)(lambda b: _finite_owned(_varlen(b, max_q=1, max_c=1), slice(0, 1)))
     case("max-seqlen-zero", V, OK)(lambda b: _varlen(b, max_q=0, max_c=0))
     case("max-seqlen-float", T)(lambda b: _varlen(b, max_q=5.0))
+    case("op-direct-max-seqlen-huge", OK)(lambda b: _op_direct(b, HUGE, HUGE))
     # cu_seqlens: non-monotonic, negative, past the end, huge, wrong dtype/rank/device.
     case("cu-non-monotonic", V, OK)(lambda b: _finite_owned(_varlen(b, cu_q=(0, 6, 2, 8), cu_c=(0, 1, 2, 6), max_q=8, max_c=4), slice(0, 6)))
     case("cu-negative", V, OK)(lambda b: _varlen(b, cu_q=(0, -5, 8), max_q=8))
