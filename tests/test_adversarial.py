@@ -81,10 +81,10 @@ def _attn(backend, cond_lens=None, self_lens=None, **over):
     q, kc, vc, ks, vs = _dense(backend)
     args = dict(q=q, k_cond=kc, v_cond=vc, k_self=ks, v_self=vs)
     args.update(over)
-    dev = _dev(backend)
-    cl = None if cond_lens is None else torch.as_tensor(cond_lens, device=dev) if not isinstance(cond_lens, torch.Tensor) else cond_lens
-    sl = None if self_lens is None else torch.as_tensor(self_lens, device=dev) if not isinstance(self_lens, torch.Tensor) else self_lens
-    out = ek.sc_attention(**args, cond_lens=cl, self_lens=sl, return_lse=True, backend=backend)
+    def as_lens(x):  # lists become tensors on the backend's device; tensors stay as given
+        return x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(x, device=_dev(backend))
+
+    out = ek.sc_attention(**args, cond_lens=as_lens(cond_lens), self_lens=as_lens(self_lens), return_lse=True, backend=backend)
     return _fwd_bwd(out)
 
 
