@@ -229,7 +229,11 @@ def _main(args) -> int:
         print(f"enat-sample: {slices_dir} holds {len(old)} slices of an earlier run; pass --resume to keep them "
               "or --overwrite to delete them", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        print(f"enat-sample: --device must name a torch device such as cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
     why_threads = ""
     if device.type == "cpu":
         n_threads, why_threads = _cpu_threads(args.threads)

@@ -514,6 +514,7 @@ CLI_CASES = [
     ("cli-class-beyond", ["--class", "5000"], "--class must lie in [0, 9] (e2d1-c32h2-l16-v64-k10 has 10 classes), got 5000"),
     ("cli-out-is-file", ["--out", "{file}"], "--out must be a folder, but {file} is a file"),
     ("cli-resume-and-overwrite", ["--resume", "--overwrite"], "--resume keeps earlier slices and --overwrite deletes them: give one"),
+    ("cli-device-unknown", ["--device", "gpu0"], "--device must name a torch device such as cpu or cuda, got 'gpu0'"),
 ]
 
 
