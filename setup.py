@@ -14,6 +14,9 @@ Build flags (environment variables):
 - ``ENAT_KERNELS_SKIP_CUDA=1``  build only ``_C``.
 - ``TORCH_CUDA_ARCH_LIST``      architectures for ``_C_cuda``; default ``8.0;9.0``.
 - ``ENAT_KERNELS_DEBUG=1``      ``-O0 -g`` host code and ``-lineinfo`` device code.
+- ``ENAT_KERNELS_SANITIZE=1``   ``_C`` with AddressSanitizer and UndefinedBehaviorSanitizer
+  (``-O1 -g``, any UB aborts); implies ``ENAT_KERNELS_SKIP_CUDA``.  Run Python with the
+  sanitizer runtime preloaded: see ``.ci/sanitize-leg.sh``.
 - ``MAX_JOBS``                  parallel compile jobs (ninja), as in torch.
 - ``CUDA_HOME``                 toolkit location; defaults to /usr/local/cuda when present.
 """
@@ -47,6 +50,8 @@ def _cuda_build_reason() -> str | None:
     """None when the CUDA extension can be built, else why not."""
     if _flag("ENAT_KERNELS_SKIP_CUDA"):
         return "ENAT_KERNELS_SKIP_CUDA is set"
+    if SANITIZE:
+        return "ENAT_KERNELS_SANITIZE is set (the sanitizer build is CPU-only)"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is not a CUDA build"
     if cpp_extension.CUDA_HOME is None or not os.path.exists(
@@ -57,10 +62,18 @@ def _cuda_build_reason() -> str | None:
 
 
 DEBUG = _flag("ENAT_KERNELS_DEBUG")
+SANITIZE = _flag("ENAT_KERNELS_SANITIZE")
 opt = ["-O0", "-g"] if DEBUG else ["-O3"]
 # -fopenmp: at::parallel_for is a header template; without it the CPU kernels run serially.
 cxx_flags = opt + ["-fopenmp", "-Wno-unused-parameter"]
 link_flags = ["-fopenmp"]
+if SANITIZE:
+    # vptr is off: torch's own libraries are not instrumented, so its type info checks
+    # would report false positives on every virtual call into them.
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
+    opt = ["-O0", "-g"] if DEBUG else ["-O1", "-g"]
+    cxx_flags = opt + ["-fno-omit-frame-pointer", "-fopenmp", "-Wno-unused-parameter"] + sanitize
+    link_flags = link_flags + sanitize
 
 ext_modules = [
     cpp_extension.CppExtension(
@@ -113,6 +126,7 @@ def _write_build_info():
         f.write(f"CUDA_SKIP_REASON = {cuda_reason!r}\n")
         f.write(f"CUDA_ARCHS = {cuda_archs!r}\n")
         f.write(f"DEBUG = {DEBUG!r}\n")
+        f.write(f"SANITIZE = {SANITIZE!r}\n")
 
 
 _write_build_info()

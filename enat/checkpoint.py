@@ -95,13 +95,19 @@ def infer_config(state: dict[str, torch.Tensor], *, heads: int | None = None, de
     The head count is not visible in the shapes: default width // 64 (ENAT-L: 16).
     The encoder/decoder split is not either: default 2 decoder blocks (ENAT-L: 22 + 2).
     """
-    try:
-        V1, C = state["x_embedder.word_embeddings.weight"].shape
-        L = state["x_embedder.position_embeddings.weight"].shape[0]
-        K1 = state["y_embedder.embedding_table.weight"].shape[0]
-        F = state["prev_proj.mlp.fc1.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"not an ENAT state dict: key {e.args[0]!r} is missing") from e
+    def shape(key: str, what: str) -> tuple[int, ...]:
+        if key not in state:
+            raise CheckpointError(f"not an ENAT state dict: key {key!r} is missing")
+        t = state[key]
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{key} must be a 2-D tensor {what}, got {got}")
+        return tuple(t.shape)
+
+    V1, C = shape("x_embedder.word_embeddings.weight", "(codebook size + 1, width)")
+    L = shape("x_embedder.position_embeddings.weight", "(tokens, width)")[0]
+    K1 = shape("y_embedder.embedding_table.weight", "(classes + 1, width)")[0]
+    F = shape("prev_proj.mlp.fc1.weight", "(mlp width, width)")[0]
     depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     nd = min(depth_dec if depth_dec is not None else 2, depth)
     h = heads if heads is not None else max(1, C // 64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import sys
 import time
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also time the reference (torch) path on the same weights and seeds")
     p.add_argument("--out", default="enat_samples", help="output folder (default enat_samples)")
     p.add_argument("--resume", action="store_true", help="keep slices already saved in OUT/slices and compute only the rest")
+    p.add_argument("--overwrite", action="store_true", help="delete slices an earlier run saved in OUT/slices (without it, or --resume, such a run is refused)")
     p.add_argument("--vq-checkpoint", default=None, help="MaskGIT VQGAN checkpoint (vqgan_jax_strongaug.ckpt) to decode images")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on GPU")
@@ -194,8 +196,44 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads_before)  # main() may be called in-process (tests)
 
 
+def _argument_error(args) -> str | None:
+    """What is wrong with the numeric and path arguments (those not tied to the model), or None."""
+    at_least = [("-n/--num-samples", args.num_samples, 1), ("-b/--batch-size", args.batch_size, 1),
+                ("--steps", args.steps, 1), ("--threads", args.threads, 1), ("--heads", args.heads, 1)]
+    for name, value, low in at_least:
+        if value is not None and value < low:
+            return f"{name} must be at least {low}, got {value}"
+    for name, value in (("--cfg", args.cfg), ("--mask-temp", args.mask_temp), ("--samp-temp", args.samp_temp)):
+        if value is not None and not math.isfinite(value):
+            return f"{name} must be a finite number, got {value}"
+    for name, value in (("--mask-temp", args.mask_temp), ("--samp-temp", args.samp_temp)):
+        if value is not None and value < 0:
+            return f"{name} must be non-negative, got {value}"
+    if args.klass is not None and args.klass < 0:
+        return f"--class must be non-negative, got {args.klass}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out must be a folder, but {args.out} is a file"
+    if args.resume and args.overwrite:
+        return "--resume keeps earlier slices and --overwrite deletes them: give one"
+    return None
+
+
 def _main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    error = _argument_error(args)
+    if error is not None:
+        print(f"enat-sample: {error}", file=sys.stderr)
+        return 2
+    slices_dir = os.path.join(args.out, "slices")
+    old = glob.glob(os.path.join(slices_dir, "slice_*.npz"))
+    if old and not (args.resume or args.overwrite):
+        print(f"enat-sample: {slices_dir} holds {len(old)} slices of an earlier run; pass --resume to keep them "
+              "or --overwrite to delete them", file=sys.stderr)
+        return 2
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        print(f"enat-sample: --device must name a torch device such as cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
     why_threads = ""
     if device.type == "cpu":
         n_threads, why_threads = _cpu_threads(args.threads)
@@ -216,8 +254,12 @@ def _main(args) -> int:
         print(f"enat-sample: {e}", file=sys.stderr)
         return 2
     cfg = model.config
+    if args.klass is not None and args.klass >= cfg.num_classes:
+        print(f"enat-sample: --class must lie in [0, {cfg.num_classes - 1}] ({cfg.name} has {cfg.num_classes} classes), got {args.klass}",
+              file=sys.stderr)
+        return 2
     pub = sampling_settings(cfg)
-    settings = dict(steps=args.steps or pub.steps, cfg=pub.cfg_scale if args.cfg is None else args.cfg,
+    settings = dict(steps=pub.steps if args.steps is None else args.steps, cfg=pub.cfg_scale if args.cfg is None else args.cfg,
                     mask_temp=pub.mask_temp if args.mask_temp is None else args.mask_temp,
                     samp_temp=pub.samp_temp if args.samp_temp is None else args.samp_temp)
     fused = _fused_backend(args, device)
@@ -233,9 +275,7 @@ def _main(args) -> int:
     for note in notes:
         _say(rank, f"  note: {note}")
 
-    slices_dir = os.path.join(args.out, "slices")
-    if rank == 0 and not args.resume:
-        old = glob.glob(os.path.join(slices_dir, "slice_*.npz"))
+    if rank == 0 and args.overwrite:
         for f in old:
             os.remove(f)
     if distributed:

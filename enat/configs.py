@@ -17,6 +17,10 @@ from dataclasses import dataclass
 _NAME = re.compile(r"^e(\d+)d(\d+)-c(\d+)h(\d+)-l(\d+)(?:-v(\d+))?(?:-k(\d+))?$")
 
 
+# Largest model a configuration may describe (parameters); far above any ENAT.
+MAX_PARAMS = 10**11
+
+
 @dataclass(frozen=True)
 class ENATConfig:
     depth_enc: int  # NE: encoder blocks (visible tokens)
@@ -38,6 +42,11 @@ class ENATConfig:
         side = math.isqrt(self.tokens)
         if side * side != self.tokens:
             raise ValueError(f"tokens ({self.tokens}) must be a square number (an h x w token map with h = w)")
+        if self.num_params() > MAX_PARAMS:
+            # Checked before any allocation: a typo such as e99999999d1 would otherwise
+            # allocate for minutes before failing.
+            raise ValueError(f"configuration {self.name} has {self.num_params():.3g} parameters, above the limit of "
+                             f"{MAX_PARAMS:.0e} ({4 * MAX_PARAMS / 2**30:.0f} GiB in float32); ENAT-L has 0.3e9")
 
     @property
     def head_dim(self) -> int:

@@ -103,21 +103,36 @@ def _slice_path(out_dir: str, j: int) -> str:
     return os.path.join(out_dir, f"slice_{j:06d}.npz")
 
 
-def _load_slice(path: str, settings_key: str, indices: np.ndarray):
-    """The tokens of a saved slice, or None if it is absent; raises if it was made differently."""
+def _load_slice(path: str, settings_key: str, indices: np.ndarray, labels: np.ndarray, grid: tuple[int, int],
+                vocab: int):
+    """The tokens of a saved slice, or None if it is absent or malformed (then it is
+    recomputed); raises if it was made with other settings."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path) as z:
-            key, idx, tokens = str(z["settings"]), z["indices"], z["tokens"]
+            key, idx, lab, tokens = str(z["settings"]), z["indices"], z["labels"], z["tokens"]
     except Exception as e:  # a truncated file from a killed run: recompute it
-        os.remove(path)
-        print(f"enat: {path} is unreadable ({type(e).__name__}); recomputing it", flush=True)
-        return None
+        return _discard(path, f"unreadable ({type(e).__name__})")
     if key != settings_key or not np.array_equal(idx, indices):
         raise ValueError(f"{path} was made with other settings (or other weights); use another output folder "
                          "or delete it to start over")
+    # Settings match, so the contents must be what this run would write: anything else
+    # is a damaged or edited file.
+    want = (len(indices), *grid)
+    if tokens.shape != want or tokens.dtype.kind not in "iu":
+        return _discard(path, f"malformed (tokens {tokens.dtype} {tokens.shape}, expected integer {want})")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        return _discard(path, f"malformed (token ids in [{tokens.min()}, {tokens.max()}], expected [0, {vocab - 1}])")
+    if not np.array_equal(lab, labels):
+        return _discard(path, "malformed (labels differ from the run's)")
     return tokens
+
+
+def _discard(path: str, why: str) -> None:
+    os.remove(path)
+    print(f"enat: {path} is {why}; recomputing it", flush=True)
+    return None
 
 
 def _save_slice(path: str, settings_key: str, indices: np.ndarray, labels: np.ndarray, tokens: np.ndarray) -> None:
@@ -183,7 +198,7 @@ def sample_many(
         indices = np.arange(j * slice_size, min(num_samples, (j + 1) * slice_size), dtype=np.int64)
         lab = np.asarray([label_of(int(i)) for i in indices], dtype=np.int64)
         path = _slice_path(out_dir, j)
-        tokens = _load_slice(path, key, indices)
+        tokens = _load_slice(path, key, indices, lab, (h, w), cfg_model.codebook_size)
         if tokens is not None:
             result.skipped.append(j)
         else:

@@ -273,6 +273,8 @@ class ENAT(nn.Module):
 
     def __init__(self, config: ENATConfig | str, *, backend: str | None = None):
         super().__init__()
+        if not isinstance(config, (str, ENATConfig)):
+            raise TypeError(f"config must be an ENATConfig or a configuration name (str), got {type(config).__name__}")
         cfg = get_config(config) if isinstance(config, str) else config
         self.config = cfg
         C, V = cfg.width, cfg.codebook_size

@@ -58,10 +58,13 @@ def scatter_rows_fake(a, idx_a, b, idx_b, seq_len):
 # ----------------------------------------------------------------------------- autograd
 
 
-def register_sc_attention_autograd(fwd_op, bwd_op) -> None:
+def register_sc_attention_autograd(fwd_op, bwd_op, backend_of=lambda device: device.type) -> None:
     """Autograd of an SC-Attention forward op whose backward op has the sc_attn_bwd schema.
 
-    fwd_op is registered; bwd_op (an op object) is called in the backward.
+    fwd_op is registered; bwd_op (an op object) is called in the backward.  The
+    backward op is a fused kernel with no derivative of its own: differentiating it
+    (double backward) raises an error naming the backend (backend_of(q.device)) and
+    the torch backend, which supports it, instead of silently giving zero.
     """
 
     def setup_context(ctx, inputs, output):
@@ -84,6 +87,17 @@ def register_sc_attention_autograd(fwd_op, bwd_op) -> None:
         return tuple(grads) + (None,) * 7
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+    def bwd_setup_context(ctx, inputs, output):
+        ctx.backend = backend_of(inputs[2].device)  # q
+
+    def double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"sc_attention (backend={ctx.backend!r}) does not support double backward (a gradient of its "
+            "gradient): its backward is a fused kernel. Use backend='torch' to differentiate twice."
+        )
+
+    torch.library.register_autograd(bwd_op, double_backward, setup_context=bwd_setup_context)
 
 
 def register_routing_autograd(gather_op, scatter_op) -> None:

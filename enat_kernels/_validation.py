@@ -105,6 +105,17 @@ def size(name: str, value, *, upper: int | None = None, upper_what: str = ""):
     return value
 
 
+# Tokens per row and packed rows are int32 in the kernels' index tensors (as in flash-attn).
+MAX_TOKENS = 2**31 - 1
+
+
+def at_most(name: str, value, bound: int, what: str = ""):
+    """Upper bound of a size already checked by `size` (metadata only, no host sync)."""
+    if not isinstance(value, torch.SymInt) and value > bound:
+        raise ValueError(f"{name} must lie in [0, {bound}]{what}, got {value}")
+    return value
+
+
 def same_dtype(named: dict) -> None:
     items = [(n, t) for n, t in named.items() if t is not None]
     n0, t0 = items[0]
@@ -159,8 +170,14 @@ def cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
     max_seqlen = size(max_name, max_seqlen)
+    # No sequence can be longer than the packed rows; a bound far above them would only
+    # size empty scratch buffers and launch grids (and overflow their sizes).  Checked
+    # after the value checks, whose messages say more when the offsets are wrong too.
+    def bounded():
+        return at_most(max_name, max_seqlen, total, " (the number of packed rows)")
+
     if not _reads(cu):
-        return max_seqlen
+        return bounded()
     c = cu.long()
     steps = c[1:] - c[:-1] if c.numel() > 1 else c.new_zeros(1)
     # First, last, smallest and largest step in one host sync.
@@ -173,7 +190,7 @@ def cu_seqlens(name: str, cu, total: int, max_seqlen: int, max_name: str, device
         raise ValueError(f"{name} must be non-decreasing")
     if hi > max_seqlen:
         raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({hi})")
-    return max_seqlen
+    return bounded()
 
 
 def scale(value) -> float | None:
@@ -181,7 +198,10 @@ def scale(value) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError("scale must be finite, got an int beyond float's range") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {value}")
     return value

@@ -56,7 +56,12 @@ def _check_segments(q, k_cond, v_cond, k_self, v_self, ndim: int):
 
 def _lens(name, lens, batch, limit, device):
     check.lengths(name, lens, batch, limit, device)
-    return None if lens is None else lens.to(torch.int32).contiguous()
+    if lens is None:
+        return None
+    if lens.dtype == torch.int64:
+        # Clamp before narrowing: int64 values beyond int32 (checks off) would wrap.
+        lens = lens.clamp(0, limit)
+    return lens.to(torch.int32).contiguous()
 
 
 def sc_attention(

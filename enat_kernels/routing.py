@@ -141,7 +141,7 @@ def restore_tokens(
     disjoint and each free of repeats (value check).  Differentiable in a and b.
     """
     a3, b3, tail = _check_pair(a, idx_a, b, idx_b)
-    seq_len = check.size("seq_len", seq_len)
+    seq_len = check.at_most("seq_len", check.size("seq_len", seq_len), check.MAX_TOKENS, " (tokens per row are int32-bounded)")
     B = a3.shape[0]
     if b is not None:
         check.indices("idx_b", idx_b, B, seq_len, a3.device)

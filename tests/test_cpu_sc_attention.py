@@ -165,7 +165,8 @@ def test_packed_lengths_beyond_the_tensor_are_clamped(gen):
     bad_q = torch.tensor([0, 6, 11 + 500], dtype=torch.int32)  # last sequence runs past Tq
     bad_c = torch.tensor([0, 3, 7 + 40], dtype=torch.int32)
     with ek.value_checks(False):
-        got = ek.sc_attention_varlen(q, kc, vc, ks, vs, bad_q, bad_c, 600, 60, return_lse=True, backend="cpu")
+        # max_seqlen at its upper bound (the packed rows): lengths are cut by the tensor.
+        got = ek.sc_attention_varlen(q, kc, vc, ks, vs, bad_q, bad_c, q.shape[0], kc.shape[0], return_lse=True, backend="cpu")
     want = ek.sc_attention_varlen(q, kc, vc, ks, vs, cu_q, cu_c, mq, mc, return_lse=True, backend="cpu")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -242,3 +243,52 @@ def test_portable_build_against_oracle():
     env["PYTHONPATH"] = os.pathsep.join([pkg_root, HERE, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- extreme values (docs/ERRORS.md)
+
+
+def test_exp_underflow_counts_as_zero_as_in_pytorch():
+    """A key whose score is 1000 below the row max weighs 0, even with a value of 3e38
+    (a clamped exp2 once weighed it 2^-126, turning 3e38 into 3.5)."""
+    q = torch.zeros(1, 1, 1, 16)
+    q[..., 0] = 1
+    ks, vs = torch.zeros(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    kc, vc = torch.zeros(1, 1, 1, 16), torch.full((1, 1, 1, 16), 3e38)
+    kc[..., 0] = -1000
+    got = ek.sc_attention(q, kc, vc, ks, vs, scale=1.0, backend="cpu")
+    want = ek.sc_attention(q, kc, vc, ks, vs, scale=1.0, backend="torch")
+    assert torch.equal(got, vs) and torch.equal(want, vs)
+
+
+def test_huge_scale_gives_finite_gradients(gen):
+    """scale = 1e30: the softmax is one-hot; outputs and value gradients match torch, and
+    every gradient is finite (the backward's s - lse is exact: scores stay in natural units)."""
+    q, kc, vc, ks, vs = (torch.randn(1, n, 2, 16, generator=gen).requires_grad_() for n in (5, 4, 4, 5, 5))
+    grads = {}
+    for backend in ("cpu", "torch"):
+        for t in (q, kc, vc, ks, vs):
+            t.grad = None
+        out = ek.sc_attention(q, kc, vc, ks, vs, scale=1e30, backend=backend)
+        out.sum().backward()
+        grads[backend] = (out.detach(), *(t.grad.clone() for t in (q, kc, vc, ks, vs)))
+    for g in grads["cpu"]:
+        assert torch.isfinite(g).all()
+    torch.testing.assert_close(grads["cpu"][0], grads["torch"][0])
+    for i in (3, 5):  # dv_cond, dv_self
+        torch.testing.assert_close(grads["cpu"][i], grads["torch"][i])
+
+
+def test_infinite_score_as_documented(gen):
+    """A +inf score (an infinite key) makes its query NaN on the cpu backend (as
+    torch.softmax: inf - inf); queries that see it as -inf, and other batch rows, are exact."""
+    q, kc, vc, ks, vs = (torch.randn(2, n, 1, 16, generator=gen) for n in (3, 2, 2, 3, 3))
+    q[0, :, 0, 2] = torch.tensor([-1.0, 1.0, 2.0])
+    kc[0, 1, 0, 2] = -float("inf")  # query 0 scores +inf, queries 1 and 2 -inf
+    got = ek.sc_attention(q, kc, vc, ks, vs, backend="cpu")
+    assert got[0, 0].isnan().all()
+    finite_kc = kc.clone()
+    finite_kc[0, 1] = 0.0
+    want = ek.sc_attention(q, finite_kc, vc, ks, vs, cond_lens=torch.tensor([1, 2]), backend="torch")
+    torch.testing.assert_close(got[0, 1:], want[0, 1:])
+    torch.testing.assert_close(got[1], want[1])

@@ -26,13 +26,13 @@ def test_random_weights_compare(tmp_path, capsys):
     assert "NOT decoded images" in text["Title"] and "TOKEN MAPS" in out
 
 
-def test_rerun_recomputes_unless_resume(tmp_path, capsys):
+def test_rerun_recomputes_with_overwrite_keeps_with_resume(tmp_path, capsys):
     assert main(TINY + ["--out", str(tmp_path)]) == 0
     first = np.load(tmp_path / "slices" / "samples.npz")["tokens"]
     capsys.readouterr()
     assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
     assert "already saved" in capsys.readouterr().out
-    assert main(TINY + ["--out", str(tmp_path)]) == 0  # without --resume: computed again, same tokens
+    assert main(TINY + ["--out", str(tmp_path), "--overwrite"]) == 0  # computed again, same tokens
     assert "images/s" in capsys.readouterr().out
     assert np.array_equal(np.load(tmp_path / "slices" / "samples.npz")["tokens"], first)
 
@@ -59,3 +59,29 @@ def test_bad_checkpoint_is_reported(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--backend", "nope"])
     assert not os.path.exists(tmp_path / "slices")
+
+
+@pytest.mark.parametrize(
+    "damage, note",
+    [
+        (lambda z: {**z, "tokens": z["tokens"][:1]}, "malformed (tokens int16 (1, 4, 4), expected integer (2, 4, 4))"),
+        (lambda z: {**z, "tokens": np.full_like(z["tokens"], 30000)}, "malformed (token ids in [30000, 30000], expected [0, 63])"),
+        (lambda z: {**z, "tokens": z["tokens"].reshape(2, 16)}, "malformed (tokens int16 (2, 16), expected integer (2, 4, 4))"),
+        (lambda z: {**z, "tokens": z["tokens"].astype(np.float32)}, "malformed (tokens float32 (2, 4, 4), expected integer (2, 4, 4))"),
+        (lambda z: {**z, "labels": z["labels"] + 1}, "malformed (labels differ from the run's)"),
+    ],
+    ids=["rows", "ids", "shape", "dtype", "labels"],
+)
+def test_resume_recomputes_malformed_slices(tmp_path, capsys, damage, note):
+    """A saved slice with the run's settings but edited contents is recomputed, never trusted."""
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    first = np.load(tmp_path / "slices" / "samples.npz")["tokens"]
+    path = tmp_path / "slices" / "slice_000000.npz"
+    with np.load(path) as z:
+        edited = damage(dict(z))
+    np.savez(path, **edited)
+    capsys.readouterr()
+    assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path} is {note}; recomputing it" in out and "images/s" in out
+    assert np.array_equal(np.load(tmp_path / "slices" / "samples.npz")["tokens"], first)

@@ -128,6 +128,7 @@ CASES = [
     ("attn-scale-inf", attn(scale=float("inf")), ValueError, "scale must be finite, got inf"),
     ("attn-scale-type", attn(scale="0.5"), TypeError, "scale must be a float or None, got str"),
     ("attn-scale-tensor", attn(scale=torch.tensor(0.5)), TypeError, "scale must be a float or None, got Tensor"),
+    ("attn-scale-overflow", attn(scale=10**400), ValueError, "scale must be finite, got an int beyond float's range"),
     ("attn-backend-name", attn(backend="flash"), ValueError, "backend must be one of ('triton', 'cuda', 'cpu', 'torch') or None, got 'flash'"),
     ("attn-backend-unavailable", attn(backend="cuda"), ValueError, "backend='cuda' cannot run these inputs: the cuda backend runs on CUDA tensors, got cpu tensors"),
     # -- sc_attention_varlen
@@ -146,6 +147,7 @@ CASES = [
     ("varlen-max-negative", varlen(max_seqlen_cond=-1), ValueError, "max_seqlen_cond must be non-negative, got -1"),
     ("varlen-max-float", varlen(max_seqlen_q=4.0), TypeError, "max_seqlen_q must be an int, got float"),
     ("varlen-max-tensor", varlen(max_seqlen_q=torch.tensor(4)), TypeError, "max_seqlen_q must be an int, got Tensor"),
+    ("varlen-max-beyond", varlen(max_seqlen_q=2**63 - 1), ValueError, "max_seqlen_q must lie in [0, 7] (the number of packed rows), got 9223372036854775807"),
     ("varlen-no-cond-nonzero-cu", varlen(k_cond=None, v_cond=None), ValueError, "cu_seqlens_cond[-1] must equal the number of packed rows (0), got 6"),
     # -- mask_to_indices
     ("mask-dtype", lambda: ek.mask_to_indices(mask().to(torch.uint8), 3), TypeError, "mask must have dtype in (bool), got uint8"),
@@ -169,6 +171,7 @@ CASES = [
     # -- scatter_tokens / restore_tokens
     ("scatter-seq-len-type", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, -1]), 5.0), TypeError, "seq_len must be an int, got float"),
     ("scatter-seq-len-negative", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, -1]), -1), ValueError, "seq_len must be non-negative, got -1"),
+    ("scatter-seq-len-beyond", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, -1]), 2**40), ValueError, "seq_len must lie in [0, 2147483647] (tokens per row are int32-bounded), got 1099511627776"),
     ("scatter-indices-beyond", lambda: ek.scatter_tokens(A(), idx([0, 2], [1, 5]), 5), ValueError, "idx_a entries must lie in [0, 5) or be -1 (padding), got min 0 and max 5"),
     ("scatter-indices-duplicate", lambda: ek.scatter_tokens(A(), idx([2, 2], [1, -1]), 5), ValueError, "idx_a repeat a token index in batch row 0"),
     ("scatter-indices-count", lambda: ek.scatter_tokens(A(3), idx([0, 2], [1, -1]), 5), ValueError, "tokens mismatch: idx_a.shape[1] = 2 but a.shape[1] = 3"),
@@ -274,7 +277,29 @@ def test_backend_env_variable_is_checked(monkeypatch):
 
 
 # Rows of docs/ERRORS.md tested by the functions just above rather than by CASES.
-EXTRA_ROWS = ("attn-forced-head-dim", "attn-forced-dtype", "attn-forced-capability", "backend-env")
+EXTRA_ROWS = ("attn-forced-head-dim", "attn-forced-dtype", "attn-forced-capability", "backend-env", "attn-double-backward")
+
+
+@pytest.mark.parametrize("backend", [b for b in ek.BACKENDS if b != "torch"])
+def test_double_backward_is_refused(backend, gen):
+    """The fused backwards have no derivative: differentiating them raises, naming the
+    backend and the torch backend; the first derivative (create_graph=True) is still right."""
+    skip_unless_runs(backend, torch.float32, 16)
+    dev = device_for(backend)
+    q, kc, vc, ks, vs = (torch.randn(1, n, 2, 16, generator=gen).to(dev).requires_grad_() for n in (5, 3, 3, 5, 5))
+    out = ek.sc_attention(q, kc, vc, ks, vs, backend=backend)
+    (gq,) = torch.autograd.grad((out * out).sum(), q, create_graph=True)
+    ref = sc_attention_ref(q, kc, vc, ks, vs)[0]
+    (want,) = torch.autograd.grad((ref * ref).sum(), q, create_graph=True)
+    torch.testing.assert_close(gq, want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(RuntimeError, match=rf"sc_attention \(backend='{backend}'\) does not support double backward .* Use backend='torch'"):
+        gq.sum().backward()
+
+
+def test_double_backward_torch_backend_is_right(gen):
+    """What the error above points to: the torch backend's second derivative is exact."""
+    q, kc, vc, ks, vs = (torch.randn(1, n, 1, 4, dtype=torch.float64, generator=gen).requires_grad_() for n in (3, 2, 2, 3, 3))
+    assert torch.autograd.gradgradcheck(lambda *t: ek.sc_attention(*t, backend="torch"), (q, kc, vc, ks, vs))
 
 
 # ----------------------------------------------------------------------------- value checks off
@@ -431,3 +456,95 @@ def test_nan_in_valid_data_propagates_padding_is_never_read(backend, gen):
     out = ek.sc_attention(q, kc, vc, ks, vs, cond_lens=torch.tensor([Nc, 4], device=dev), backend=backend)
     assert out[0].isnan().all()
     assert not out[1].isnan().any()
+
+
+# ----------------------------------------------------------------------------- enat: model API and enat-sample
+
+
+def _state_with_1d_embedding():
+    from enat import ENAT
+
+    state = ENAT("e2d1-c32h2-l16-v64-k10").state_dict()
+    state["x_embedder.word_embeddings.weight"] = state["x_embedder.word_embeddings.weight"].flatten()
+    return state
+
+
+def _enat(config):
+    from enat import ENAT
+
+    return lambda: ENAT(config)
+
+
+def _infer(state):
+    from enat import infer_config
+
+    return lambda: infer_config(state)
+
+
+# enat rejections: (id, call, exception, message); rows in docs/ERRORS.md, section "enat".
+ENAT_CASES = [
+    ("enat-config-none", _enat(None), TypeError, "config must be an ENATConfig or a configuration name (str), got NoneType"),
+    ("enat-config-int", _enat(123), TypeError, "config must be an ENATConfig or a configuration name (str), got int"),
+    ("enat-config-too-large", _enat("e99999999d1-c64h2-l64"), ValueError, "configuration e99999999d1-c64h2-l64 has 9.13e+12 parameters, above the limit of 1e+11"),
+    ("enat-checkpoint-1d-embedding", _infer(_state_with_1d_embedding()), Exception, "x_embedder.word_embeddings.weight must be a 2-D tensor (codebook size + 1, width), got (2080,)"),
+]
+
+
+@pytest.mark.parametrize("call, exc, message", [pytest.param(c, e, m, id=i) for i, c, e, m in ENAT_CASES])
+def test_enat_rejects(call, exc, message):
+    with pytest.raises(exc, match=re.escape(message)):
+        call()
+
+
+CLI_TINY = ["--config", "e2d1-c32h2-l16-v64-k10", "-n", "3", "-b", "2", "--steps", "2", "--quiet"]
+
+# enat-sample arguments: (id, arguments replacing CLI_TINY's, message after "enat-sample: "); exit code 2.
+CLI_CASES = [
+    ("cli-num-samples-zero", ["-n", "0"], "-n/--num-samples must be at least 1, got 0"),
+    ("cli-num-samples-negative", ["-n", "-5"], "-n/--num-samples must be at least 1, got -5"),
+    ("cli-batch-size-zero", ["-b", "0"], "-b/--batch-size must be at least 1, got 0"),
+    ("cli-steps-zero", ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("cli-steps-negative", ["--steps", "-3"], "--steps must be at least 1, got -3"),
+    ("cli-threads-negative", ["--threads", "-1"], "--threads must be at least 1, got -1"),
+    ("cli-heads-zero", ["--heads", "0"], "--heads must be at least 1, got 0"),
+    ("cli-cfg-nan", ["--cfg", "nan"], "--cfg must be a finite number, got nan"),
+    ("cli-cfg-inf", ["--cfg", "inf"], "--cfg must be a finite number, got inf"),
+    ("cli-mask-temp-nan", ["--mask-temp", "nan"], "--mask-temp must be a finite number, got nan"),
+    ("cli-samp-temp-negative", ["--samp-temp", "-1"], "--samp-temp must be non-negative, got -1.0"),
+    ("cli-class-negative", ["--class", "-1"], "--class must be non-negative, got -1"),
+    ("cli-class-beyond", ["--class", "5000"], "--class must lie in [0, 9] (e2d1-c32h2-l16-v64-k10 has 10 classes), got 5000"),
+    ("cli-out-is-file", ["--out", "{file}"], "--out must be a folder, but {file} is a file"),
+    ("cli-resume-and-overwrite", ["--resume", "--overwrite"], "--resume keeps earlier slices and --overwrite deletes them: give one"),
+    ("cli-device-unknown", ["--device", "gpu0"], "--device must name a torch device such as cpu or cuda, got 'gpu0'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [pytest.param(a, m, id=i) for i, a, m in CLI_CASES])
+def test_cli_rejects(argv, message, tmp_path, capsys):
+    from enat.cli import main
+
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    argv = [a.replace("{file}", str(file)) for a in argv]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in argv else []
+    assert main(CLI_TINY + out + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("enat-sample: ") and message.replace("{file}", str(file)) in err, err
+    assert not (tmp_path / "out" / "slices").exists()  # refused before any work
+
+
+def test_cli_refuses_to_delete_earlier_results(tmp_path, capsys):
+    """Row cli-earlier-results: a second run into the same folder needs --resume or --overwrite."""
+    from enat.cli import main
+
+    out = ["--out", str(tmp_path)]
+    assert main(CLI_TINY + out) == 0
+    before = sorted(p.read_bytes() for p in (tmp_path / "slices").glob("slice_*.npz"))
+    capsys.readouterr()
+    assert main(CLI_TINY + out) == 2
+    assert f"{tmp_path / 'slices'} holds 2 slices of an earlier run; pass --resume to keep them or --overwrite to delete them" in capsys.readouterr().err
+    assert sorted(p.read_bytes() for p in (tmp_path / "slices").glob("slice_*.npz")) == before
+    assert main(CLI_TINY + out + ["--overwrite"]) == 0
+
+
+EXTRA_ROWS += tuple(c[0] for c in ENAT_CASES) + tuple(c[0] for c in CLI_CASES) + ("cli-earlier-results",)

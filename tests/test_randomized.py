@@ -160,7 +160,8 @@ def test_sc_attention_varlen_random(backend, data, poison):
     q, kc, vc, ks, vs, cu_q, cu_c, _, _ = make_varlen_inputs(q_lens or [0], c_lens or [0], H, D, dtype, dev, gen)
     if B == 0:  # no sequence: cu_seqlens = [0]
         cu_q, cu_c = cu_q[:1], cu_c[:1]
-    max_q, max_c = max(q_lens, default=0) + slack_q, max(c_lens, default=0) + slack_c
+    # A loose bound, up to its upper limit (the packed rows).
+    max_q, max_c = min(max(q_lens, default=0) + slack_q, q.shape[0]), min(max(c_lens, default=0) + slack_c, kc.shape[0])
     Tq = q.shape[0]
     if layout == "fused":  # (T, 3, H, D) and (T, 2, H, D) projections
         bufs = [torch.stack([q, ks, vs], 1), torch.stack([kc, vc], 1)]

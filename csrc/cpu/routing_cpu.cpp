@@ -57,6 +57,9 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& idx) {
   const int64_t N = idx.size(1);
   at::Tensor out = at::empty({B, N, x.size(2)}, x.options());
   const int64_t row_bytes = x.size(2) * x.element_size();
+  // Nothing to copy; an empty tensor's data pointer may be null, which memcpy/memset
+  // must never see, even for 0 bytes.
+  if (row_bytes == 0 || out.numel() == 0) return out;
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* ix = idx.data_ptr<int64_t>();
@@ -75,6 +78,7 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& idx) {
 
 void scatter_into(char* dst, int64_t seq_len, const at::Tensor& src, const at::Tensor& idx, int64_t row_bytes) {
   const int64_t B = src.size(0), N = src.size(1);
+  if (row_bytes == 0 || B * N == 0 || seq_len == 0) return;  // nothing to copy (pointers may be null)
   const char* s = static_cast<const char*>(src.data_ptr());
   const int64_t* ix = idx.data_ptr<int64_t>();
   at::parallel_for(0, B * N, kGrainRows, [&](int64_t r0, int64_t r1) {

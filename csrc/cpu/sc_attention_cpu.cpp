@@ -67,6 +67,10 @@ void run_backward(const Problem& p) {
   cpu_attn::DEFAULT::sc_attn_backward(p);
 }
 
+// Unit stride along head_dim, which the kernels assume.  An empty tensor has no rows
+// to read (the gradient of an empty sum comes as a stride-0 expand).
+bool unit_stride_rows(const at::Tensor& t) { return t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1; }
+
 // View of a dense (B, N, H, D) or packed (T, H, D) tensor.
 RowsView rows_view(const at::Tensor& t) {
   RowsView v;
@@ -116,7 +120,7 @@ Problem describe(const at::Tensor& q, const at::Tensor& k_cond, const at::Tensor
                 "sc_attention (cpu): ", names[i], " must be a CPU tensor with q's rank and dtype");
     TORCH_CHECK(t.size(-1) == q.size(-1) && t.size(-2) == q.size(-2),
                 "sc_attention (cpu): ", names[i], " must have q's heads and head_dim");
-    TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "sc_attention (cpu): ", names[i],
+    TORCH_CHECK(unit_stride_rows(t), "sc_attention (cpu): ", names[i],
                 " must have unit stride along head_dim");
   }
   TORCH_CHECK(k_self.sizes() == q.sizes() && v_self.sizes() == q.sizes(),
@@ -141,8 +145,10 @@ Problem describe(const at::Tensor& q, const at::Tensor& k_cond, const at::Tensor
     TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_cond >= 0, "sc_attention (cpu): max_seqlen must be non-negative");
     p.q_rows = q.size(0);
     p.cond_rows = k_cond.size(0);
-    p.max_q = max_seqlen_q;
-    p.max_cond = max_seqlen_cond;
+    // No sequence is longer than the packed rows: a larger bound (the op may be called
+    // directly) would only size scratch buffers and task counts for rows that are not there.
+    p.max_q = std::min(max_seqlen_q, p.q_rows);
+    p.max_cond = std::min(max_seqlen_cond, p.cond_rows);
   } else {
     TORCH_CHECK(!cu_seqlens_q.has_value() && !cu_seqlens_cond.has_value(),
                 "sc_attention (cpu): the dense form takes no cu_seqlens");
@@ -211,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_attn_b
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type()
                   && out.scalar_type() == q.scalar_type() && dout.device().is_cpu() && out.device().is_cpu(),
               "sc_attention backward (cpu): dout and out must be CPU tensors shaped like q, in q's dtype");
-  TORCH_CHECK((dout.size(-1) <= 1 || dout.stride(-1) == 1) && (out.size(-1) <= 1 || out.stride(-1) == 1),
+  TORCH_CHECK(unit_stride_rows(dout) && unit_stride_rows(out),
               "sc_attention backward (cpu): dout and out must have unit stride along head_dim");
   const auto shape = lse_shape(q);
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(shape) && lse.scalar_type() == lse_dtype(q) && lse.device().is_cpu(),

@@ -19,13 +19,16 @@
 //   forward and backward are bitwise deterministic, run to run and across thread
 //   counts.  Nothing is nondeterministic; no atomics touch floating-point data.
 //
-//   Layouts.  The queries of a task are packed once, scaled by scale * log2(e) and
+//   Layouts.  The queries of a task are packed once, scaled by scale and
 //   transposed (Qt: D x Mq, Mq = queries rounded up to 16), so S is computed
 //   transposed, St = K . Qt (keys x queries): the key rows are the broadcast operand
 //   of the matmul micro-kernel, and the softmax statistics of a query live in one
 //   vector lane, updated for a whole tile with elementwise vector ops (no horizontal
-//   reductions); the tile's max comes out of the St matmul's epilogue.  Scores are in
-//   base 2 (exp2 is cheaper than exp); lse is converted back to natural log.  Keys
+//   reductions); the tile's max comes out of the St matmul's epilogue.  Scores, their
+//   running max and lse stay in natural units and exponentials are taken as
+//   exp2((s - max) * log2(e)): the backward recomputes exactly the forward's scores, so
+//   s - lse is exact even where scores are huge (scale = 1e30), which a base-2 lse
+//   converted back and forth would not be.  Keys
 //   and values are visited in tiles of kKeyTile rows, cond segment first, then self
 //   segment, each tile packed (converted to the accumulation type, rows padded with
 //   zeros to Dp = D rounded up to the vector width) so it stays in L1 and a
@@ -58,6 +61,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "checked_size.h"
 #include "cpu/sc_attention_cpu.h"
 
 namespace enat_kernels::cpu_attn::CPU_CAPABILITY {
@@ -84,19 +88,23 @@ constexpr int kMR = 3;
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t round_up(int64_t x, int64_t m) { return checked_round_up(x, m, "sc_attention (cpu) size"); }
 
 // Leading dimension for a buffer whose columns are walked (rows of St, of Qt): one
 // cache line more than the row, so that consecutive rows fall into different L1 sets
 // (a power-of-two row length would map a whole column onto a few sets).
 template <typename acc_t>
-inline int64_t skewed(int64_t row) { return row + 64 / static_cast<int64_t>(sizeof(acc_t)); }
+inline int64_t skewed(int64_t row) {
+  return checked_add(row, 64 / static_cast<int64_t>(sizeof(acc_t)), "sc_attention (cpu) size");
+}
 
 // Scratch memory of one worker (64-byte aligned, freed on scope exit).
 template <typename T>
 class Scratch {
  public:
-  explicit Scratch(int64_t n) : ptr_(static_cast<T*>(c10::alloc_cpu(std::max<int64_t>(n, 1) * sizeof(T)))) {}
+  explicit Scratch(int64_t n)
+      : ptr_(static_cast<T*>(c10::alloc_cpu(
+            checked_mul(std::max<int64_t>(n, 1), static_cast<int64_t>(sizeof(T)), "sc_attention (cpu) scratch bytes")))) {}
   ~Scratch() { c10::free_cpu(ptr_); }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -127,21 +135,21 @@ void parallel_tasks(int64_t n, const MakeWorkspace& make_workspace, const Body& 
   });
 }
 
-// The softmax runs in base 2: log2(e) is folded into the scale of the packed queries,
-// so scores are log2-scaled and exp becomes exp2, whose range reduction needs no
-// multiplication (one FMA-pipe op fewer per element than exp, of ~7).
+// Exponentials are exp2((s - max) * log2(e)): exp2's range reduction needs no
+// multiplication, and the difference is taken before the scaling so that it is exact
+// for scores of any magnitude.
 constexpr double kLog2e = 1.4426950408889634;
-constexpr double kLn2 = 0.6931471805599453;
 
 // 2^x of a float vector: 2^n * p(f) with n = round(x), f = x - n in [-1/2, 1/2] and p
 // a degree-5 polynomial fitted on Chebyshev nodes (relative error 2.5e-7, float's
-// rounding).  x is clamped to [-126, 126]: every caller passes x <= ~0 (a score minus
-// its running max or the log-sum-exp), and 2^-inf (the first tile's rescaling, or
-// padding queries in the backward) becomes 2^-126 ~ 1e-38, which only ever multiplies
-// zeros or is added to sums >= 1.
-inline at::vec::Vectorized<float> exp2_clamped(at::vec::Vectorized<float> x) {
+// rounding).  Every caller passes x <= ~0 (a score minus its running max or the
+// log-sum-exp).  Below -126 the result is 0 (2^-inf, the first tile's rescaling and
+// padding queries, included): float's normal range ends at 2^-126, and a clamped
+// 2^-126 would still weigh a value of 3e38 as 3.5.  PyTorch keeps the subnormals
+// 2^-149..2^-126 (docs/ERRORS.md).  NaN stays NaN.
+inline at::vec::Vectorized<float> exp2_clamped(at::vec::Vectorized<float> x_in) {
   using Vec = at::vec::Vectorized<float>;
-  x = at::vec::clamp(x, Vec(-126.0f), Vec(126.0f));
+  const Vec x = at::vec::clamp(x_in, Vec(-126.0f), Vec(126.0f));
   // Adding 1.5 * 2^23 rounds x to an integer n and leaves n + 127 (the exponent bias,
   // folded into the constant) in the low mantissa bits; << 23 turns that into 2^n.
   const Vec shifter(12582912.0f + 127.0f);
@@ -154,7 +162,7 @@ inline at::vec::Vectorized<float> exp2_clamped(at::vec::Vectorized<float> x) {
   poly = at::vec::fmadd(poly, f, Vec(0.6931471824645996f));
   poly = at::vec::fmadd(poly, f, Vec(1.0000001192092896f));
   const at::vec::Vectorized<int32_t> two_n = at::vec::cast<int32_t>(t) << at::vec::Vectorized<int32_t>(23);
-  return poly * at::vec::cast<float>(two_n);
+  return Vec::blendv(poly * at::vec::cast<float>(two_n), Vec(0.0f), x_in < Vec(-126.0f));
 }
 
 // 2^x on a vector: the polynomial above for float, Sleef's 1-ulp exp2 for double.
@@ -165,6 +173,12 @@ inline at::vec::Vectorized<acc_t> vexp2(const at::vec::Vectorized<acc_t>& x) {
   } else {
     return x.exp2();
   }
+}
+
+// e^(a - b), the difference taken first (exact for scores of any magnitude).
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vexp_diff(const at::vec::Vectorized<acc_t>& a, const at::vec::Vectorized<acc_t>& b) {
+  return vexp2<acc_t>((a - b) * at::vec::Vectorized<acc_t>(static_cast<acc_t>(kLog2e)));
 }
 
 // ----------------------------------------------------------------------------- views
@@ -543,9 +557,10 @@ struct ForwardWorkspace {
   Scratch<acc_t> qt, st, o, k, v, m, m_new, l, alpha, tmp;
   Prefetcher pf;
   ForwardWorkspace(int64_t D, int64_t Dp)
-      : qt(D * skewed<acc_t>(kQueryBlock)), st(kKeyTile * skewed<acc_t>(kQueryBlock)), o(kQueryBlock * Dp),
-        k(kKeyTile * Dp), v(kKeyTile * Dp), m(kQueryBlock), m_new(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock),
-        tmp(at::vec::Vectorized<acc_t>::size() * Dp) {}
+      : qt(size(D, skewed<acc_t>(kQueryBlock))), st(kKeyTile * skewed<acc_t>(kQueryBlock)), o(size(kQueryBlock, Dp)),
+        k(size(kKeyTile, Dp)), v(size(kKeyTile, Dp)), m(kQueryBlock), m_new(kQueryBlock), l(kQueryBlock),
+        alpha(kQueryBlock), tmp(size(at::vec::Vectorized<acc_t>::size(), Dp)) {}
+  static int64_t size(int64_t rows, int64_t cols) { return checked_mul(rows, cols, "sc_attention (cpu) scratch size"); }
 };
 
 // Online softmax over one tile of St (nk keys x Mq queries, leading dimension ld),
@@ -559,10 +574,10 @@ inline void softmax_tile(acc_t* st, int64_t nk, int64_t Mq, int64_t ld, acc_t* m
   constexpr int64_t W = Vec::size();
   for (int64_t i = 0; i < Mq; i += W) {
     const Vec mx = Vec::loadu(m_new + i);
-    const Vec a = vexp2<acc_t>(Vec::loadu(m + i) - mx);  // ~0 on the first tile (m = -inf)
+    const Vec a = vexp_diff<acc_t>(Vec::loadu(m + i), mx);  // 0 on the first tile (m = -inf)
     Vec sum(acc_t(0));
     for (int64_t j = 0; j < nk; ++j) {
-      const Vec p = vexp2<acc_t>(Vec::loadu(st + j * ld + i) - mx);
+      const Vec p = vexp_diff<acc_t>(Vec::loadu(st + j * ld + i), mx);
       p.store(st + j * ld + i);
       sum = sum + p;
     }
@@ -607,10 +622,13 @@ void forward_kernel(const Problem& p) {
   // Smaller query blocks when (b, h) pairs alone would leave threads idle.  The
   // result of a query does not depend on its block (its lane sees the same operations).
   int64_t block = kQueryBlock;
-  auto blocks_of = [&](int64_t qb) { return (p.max_q + qb - 1) / qb; };
-  while (block > 2 * kQueryPad && B * H * blocks_of(block) < 2 * at::get_num_threads()) block /= 2;
+  auto blocks_of = [&](int64_t qb) { return round_up(p.max_q, qb) / qb; };
+  const int64_t pairs = checked_mul(B, H, "sc_attention (cpu) task count");
+  while (block > 2 * kQueryPad && checked_mul(pairs, blocks_of(block), "sc_attention (cpu) task count") < 2 * at::get_num_threads()) {
+    block /= 2;
+  }
   const int64_t blocks = blocks_of(block);
-  const acc_t scale2 = static_cast<acc_t>(p.scale * kLog2e);  // scores in base 2
+  const acc_t scale = static_cast<acc_t>(p.scale);
 
   auto task = [&](ForwardWorkspace<acc_t>& ws, int64_t t, int64_t t_next) {
     const ForwardTask f = forward_task(p, block, blocks, t);
@@ -628,7 +646,7 @@ void forward_kernel(const Problem& p) {
     const int64_t Mq = round_up(nq, kQueryPad), ld = skewed<acc_t>(Mq);
     acc_t *qt = ws.qt.get(), *st = ws.st.get(), *o = ws.o.get(), *kt = ws.k.get(), *vt = ws.v.get();
     acc_t *m = ws.m.get(), *m_new = ws.m_new.get(), *l = ws.l.get(), *alpha = ws.alpha.get();
-    pack_transposed(rows_of<const scalar_t>(p.q, b, h, f.e.q_start + r0), nq, D, Dp, ld, scale2, qt, ws.tmp.get());
+    pack_transposed(rows_of<const scalar_t>(p.q, b, h, f.e.q_start + r0), nq, D, Dp, ld, scale, qt, ws.tmp.get());
     std::fill(m, m + Mq, -std::numeric_limits<acc_t>::infinity());
     std::fill(l, l + Mq, acc_t(0));
     std::fill(o, o + nq * Dp, acc_t(0));
@@ -660,11 +678,12 @@ void forward_kernel(const Problem& p) {
     // Every valid query sees at least its own key, so l > 0.
     for (int64_t i = 0; i < nq; ++i) {
       store_row(o + i * Dp, D, acc_t(1) / l[i], out[r0 + i]);
-      *lse[r0 + i] = m[i] * acc_t(kLn2) + std::log(l[i]);  // back from base 2
+      *lse[r0 + i] = m[i] + std::log(l[i]);
     }
   };
 
-  parallel_tasks(B * H * blocks, [&] { return ForwardWorkspace<acc_t>(D, Dp); }, task);
+  parallel_tasks(checked_mul(pairs, blocks, "sc_attention (cpu) task count"), [&] { return ForwardWorkspace<acc_t>(D, Dp); },
+                 task);
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -678,10 +697,12 @@ struct BackwardWorkspace {
   Scratch<acc_t> k, v, dk, dv, st, dpt, tmp;
   Prefetcher pf;
   BackwardWorkspace(int64_t max_q, int64_t D, int64_t Dp)
-      : qt(D * skewed<acc_t>(round_up(max_q, kQueryPad))), dot(D * skewed<acc_t>(round_up(max_q, kQueryPad))), q(max_q * Dp), dout(max_q * Dp),
-        lse(round_up(max_q, kQueryPad)), c(round_up(max_q, kQueryPad)), dq(max_q * Dp), k(kKeyTile * Dp),
-        v(kKeyTile * Dp), dk(kKeyTile * Dp), dv(kKeyTile * Dp), st(kKeyTile * skewed<acc_t>(kQueryBlock)),
-        dpt(kKeyTile * skewed<acc_t>(kQueryBlock)), tmp(at::vec::Vectorized<acc_t>::size() * Dp) {}
+      : qt(size(D, skewed<acc_t>(round_up(max_q, kQueryPad)))), dot(size(D, skewed<acc_t>(round_up(max_q, kQueryPad)))),
+        q(size(max_q, Dp)), dout(size(max_q, Dp)), lse(round_up(max_q, kQueryPad)), c(round_up(max_q, kQueryPad)),
+        dq(size(max_q, Dp)), k(size(kKeyTile, Dp)), v(size(kKeyTile, Dp)), dk(size(kKeyTile, Dp)),
+        dv(size(kKeyTile, Dp)), st(kKeyTile * skewed<acc_t>(kQueryBlock)), dpt(kKeyTile * skewed<acc_t>(kQueryBlock)),
+        tmp(size(at::vec::Vectorized<acc_t>::size(), Dp)) {}
+  static int64_t size(int64_t rows, int64_t cols) { return checked_mul(rows, cols, "sc_attention (cpu) scratch size"); }
 };
 
 // For a tile (nk keys x Mb queries, leading dimension ld): P = exp(S - lse) into st,
@@ -695,7 +716,7 @@ inline void softmax_backward_tile(acc_t* st, acc_t* dpt, int64_t nk, int64_t Mb,
     acc_t* s = st + j * ld;
     acc_t* dp = dpt + j * ld;
     for (int64_t i = 0; i < Mb; i += W) {
-      const Vec pv = vexp2<acc_t>(Vec::loadu(s + i) - Vec::loadu(lse + i));
+      const Vec pv = vexp_diff<acc_t>(Vec::loadu(s + i), Vec::loadu(lse + i));
       pv.store(s + i);
       (pv * (Vec::loadu(dp + i) + Vec::loadu(c + i))).store(dp + i);
     }
@@ -722,7 +743,6 @@ void backward_kernel(const Problem& p) {
   constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
   const int64_t B = p.batch, H = p.heads, D = p.head_dim, Dp = round_up(D, W);
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t scale2 = static_cast<acc_t>(p.scale * kLog2e);  // scores in base 2
   const RowsView dk_views[2] = {p.dk_cond, p.dk_self}, dv_views[2] = {p.dv_cond, p.dv_self};
 
   auto task = [&](BackwardWorkspace<acc_t>& ws, int64_t t, int64_t t_next) {
@@ -746,14 +766,14 @@ void backward_kernel(const Problem& p) {
       const Rows<const scalar_t> do_rows = rows_of<const scalar_t>(p.dout, b, h, e.q_start);
       const Rows<const scalar_t> o_rows = rows_of<const scalar_t>(p.out, b, h, e.q_start);
       const Rows<const acc_t> lse_rows = lse_of<const acc_t>(p.lse, b, h, e.q_start);
-      pack_transposed(q_rows, nq, D, Dp, ldq, scale2, qt, ws.tmp.get());
+      pack_transposed(q_rows, nq, D, Dp, ldq, scale, qt, ws.tmp.get());
       pack_transposed(do_rows, nq, D, Dp, ldq, acc_t(1), dot, ws.tmp.get());
       pack_rows(q_rows, nq, D, Dp, scale, q);
       pack_rows(do_rows, nq, D, Dp, acc_t(1), dout);
       for (int64_t i = 0; i < nq; ++i) {
         acc_t delta = 0;
         for (int64_t d = 0; d < D; ++d) delta += dout[i * Dp + d] * static_cast<acc_t>(o_rows[i][d]);
-        lse[i] = *lse_rows[i] * acc_t(kLog2e);
+        lse[i] = *lse_rows[i];
         c[i] = (p.dlse.data ? *lse_of<const acc_t>(p.dlse, b, h, e.q_start)[i] : acc_t(0)) - delta;
       }
       // Padding queries: P = exp(S - inf) = 0, so they add nothing to dK, dV.
@@ -809,7 +829,8 @@ void backward_kernel(const Problem& p) {
   };
 
   const int64_t max_q = p.cu_q ? p.max_q : p.q_rows;
-  parallel_tasks(B * H, [&] { return BackwardWorkspace<acc_t>(max_q, D, Dp); }, task);
+  parallel_tasks(checked_mul(B, H, "sc_attention (cpu) task count"), [&] { return BackwardWorkspace<acc_t>(max_q, D, Dp); },
+                 task);
 }
 
 // ----------------------------------------------------------------------------- entry

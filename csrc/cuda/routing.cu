@@ -74,9 +74,12 @@ __global__ void copy_rows_kernel(Word* __restrict__ dst, const Word* __restrict_
 template <typename Word>
 cudaError_t launch_copy(void* dst, const void* src, const int64_t* idx, int64_t B, int64_t N, int64_t src_len,
                         int64_t dst_len, int64_t row_bytes, bool scatter, cudaStream_t stream) {
-  const int64_t rows = B * N;
+  const int64_t rows = B * N;  // <= idx.numel(): cannot overflow
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  // gridDim.x is at most 2^31 - 1: refuse rather than truncate the cast (rows left unwritten).
+  if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const dim3 block(32, kRowsPerBlock);
-  const dim3 grid(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock));
+  const dim3 grid(static_cast<unsigned>(blocks));
   copy_rows_kernel<Word><<<grid, block, 0, stream>>>(static_cast<Word*>(dst), static_cast<const Word*>(src), idx, B, N,
                                                      src_len, dst_len, row_bytes / sizeof(Word), scatter);
   return cudaGetLastError();
@@ -89,6 +92,7 @@ bool aligned(const void* p, int64_t n) { return reinterpret_cast<uintptr_t>(p) %
 cudaError_t mask_to_indices(const bool* mask, int64_t B, int64_t L, int64_t count, int64_t* indices, int32_t* lens,
                             cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
+  if (B > INT32_MAX) return cudaErrorInvalidConfiguration;  // one block per row; never truncate the grid
   mask_to_indices_kernel<<<static_cast<unsigned>(B), kScanThreads, 0, stream>>>(mask, L, count, indices, lens);
   return cudaGetLastError();
 }

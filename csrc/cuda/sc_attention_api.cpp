@@ -39,7 +39,7 @@ void check_same(const at::Tensor& x, const at::Tensor& q, const char* op, const 
   TORCH_CHECK(x.dim() == q.dim(), op, ": ", name, " must have ", q.dim(), " dimensions like q, got ", x.dim());
   TORCH_CHECK(x.size(-1) == q.size(-1) && x.size(-2) == q.size(-2), op, ": ", name,
               " must have q's heads and head_dim, got shape ", x.sizes());
-  TORCH_CHECK(x.stride(-1) == 1 || x.size(-1) <= 1, op, ": ", name, " must have unit stride along head_dim");
+  TORCH_CHECK(x.stride(-1) == 1 || x.size(-1) <= 1 || x.numel() == 0, op, ": ", name, " must have unit stride along head_dim");
 }
 
 void check_index(const OptTensor& t, const at::Tensor& q, int64_t size, const char* op, const char* name) {
@@ -58,7 +58,7 @@ Form check_inputs(const char* op, const at::Tensor& q, const at::Tensor& kc, con
               ": the cuda backend supports float16 and bfloat16, got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 4 || q.dim() == 3, op, ": q must be (B, N, H, D) or packed (T, H, D), got shape ",
               q.sizes());
-  TORCH_CHECK(q.stride(-1) == 1 || q.size(-1) <= 1, op, ": q must have unit stride along head_dim");
+  TORCH_CHECK(q.stride(-1) == 1 || q.size(-1) <= 1 || q.numel() == 0, op, ": q must have unit stride along head_dim");
   check_same(kc, q, op, "k_cond");
   check_same(vc, q, op, "v_cond");
   check_same(ks, q, op, "k_self");

@@ -232,6 +232,6 @@ if INTERPRETED:
     sc_attn_fwd.register_torch_dispatch(FunctionalTensorMode, _not_decomposed)
     sc_attn_bwd.register_torch_dispatch(FunctionalTensorMode, _not_decomposed)
 
-_ops.register_sc_attention_autograd(sc_attn_fwd, sc_attn_bwd)
+_ops.register_sc_attention_autograd(sc_attn_fwd, sc_attn_bwd, backend_of=lambda device: "triton")
 
 OPS = {"sc_attn_fwd": sc_attn_fwd, "sc_attn_bwd": sc_attn_bwd}
