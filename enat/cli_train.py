@@ -91,10 +91,14 @@ def _say(rank: int, *args) -> None:
         print(*args, flush=True)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     threads_before = torch.get_num_threads()
     try:
-        return train(_parser().parse_args(argv))
+        return train(parse_args(argv))
     finally:
         torch.set_num_threads(threads_before)  # main() may be called in-process (tests)
 

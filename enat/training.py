@@ -262,7 +262,10 @@ def loss(
     out = model(_mask_ids(tokens, masking, cfg.mask_id), labels, prev=prev, counts=fwd_counts, logits_for="masked")
     idx = out.masked_index  # (B, Nm), -1 where a row has fewer masked tokens
     target = torch.gather(tokens, 1, idx.clamp(min=0)).masked_fill(idx < 0, -100)
-    return F.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+    logits = out.logits.flatten(0, 1)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in float32 (autocast's rule for softmax)
+        logits = logits.float()
+    return F.cross_entropy(logits, target.flatten(), ignore_index=-100,
                            label_smoothing=label_smoothing, reduction=reduction)
 
 
