@@ -85,7 +85,7 @@ class Trainer:
         if self.world > 1:
             # prev_proj is used only on reuse steps, prev_embedder never: unused parameters vary per step.
             ids = [device.index] if device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(T.DDPAdapter(self.model), device_ids=ids, find_unused_parameters=True)
         self.optimizer = T.make_optimizer(self.model, s.lr, s.weight_decay, tuple(s.betas))
         self.schedule = T.warmup_schedule(self.optimizer, s.warmup)
         self.scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ENAT, TokenCounts
+from .model import ENAT, ENATOutput, TokenCounts
 
 # Published training settings (ENAT_SPEC.md, "Training").
 LABEL_DROP = 0.15
@@ -55,6 +55,23 @@ def unwrap(model: nn.Module) -> ENAT:
     if not isinstance(model, ENAT):
         raise TypeError(f"model must be an ENAT model (or a wrapper of one), got {type(model).__name__}")
     return model
+
+
+class DDPAdapter(nn.Module):
+    """ENAT whose forward returns a dict, for DistributedDataParallel.
+
+    DDP looks for the output's tensors (to find the parameters a step did not use:
+    prev_proj on steps without reuse) in dicts, lists and dataclasses, not inside an
+    ENATOutput; wrap the model in this before DDP.  ``loss`` accepts either.
+    """
+
+    def __init__(self, model: ENAT):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args, **kwargs) -> dict:
+        out = self.module(*args, **kwargs)
+        return {k: getattr(out, k) for k in ENATOutput.__slots__}
 
 
 # ----------------------------------------------------------------------------- initialization
@@ -260,9 +277,9 @@ def loss(
         with torch.no_grad():
             prev = cond(_mask_ids(tokens, prev_masking, cfg.mask_id), labels, counts=prev_counts, logits_for="masked")
     out = model(_mask_ids(tokens, masking, cfg.mask_id), labels, prev=prev, counts=fwd_counts, logits_for="masked")
-    idx = out.masked_index  # (B, Nm), -1 where a row has fewer masked tokens
+    idx = out["masked_index"]  # (B, Nm), -1 where a row has fewer masked tokens
     target = torch.gather(tokens, 1, idx.clamp(min=0)).masked_fill(idx < 0, -100)
-    logits = out.logits.flatten(0, 1)
+    logits = out["logits"].flatten(0, 1)
     if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in float32 (autocast's rule for softmax)
         logits = logits.float()
     return F.cross_entropy(logits, target.flatten(), ignore_index=-100,
