@@ -250,6 +250,8 @@ def loss(
             cond_model runs without gradient on the tokens masked by prev_masking and
             its output is the `prev` the model reuses.
         cond_model: the model of that pass (published: the EMA model); default `model`.
+            On the fused backends only its embedding and encoder run (``ENAT.visible_features``);
+            the torch backend runs its whole forward, as the published code does.
         label_smoothing: as torch.nn.functional.cross_entropy's.
         counts: the MaskDraw the masks come from, whose host-side counts spare the
             device-to-host reads of the masks (optional).
@@ -274,8 +276,12 @@ def loss(
     prev = None
     if prev_masking is not None:
         cond = m if cond_model is None else unwrap(cond_model)
+        prev_ids = _mask_ids(tokens, prev_masking, cfg.mask_id)
         with torch.no_grad():
-            prev = cond(_mask_ids(tokens, prev_masking, cfg.mask_id), labels, counts=prev_counts, logits_for="masked")
+            if cond.backend == "torch":  # the published computation: a whole forward pass
+                prev = cond(prev_ids, labels, counts=prev_counts, logits_for="masked")
+            else:  # the same visible features without the decoder and head, whose outputs reuse never reads
+                prev = cond.visible_features(prev_ids, labels, counts=prev_counts)
     out = model(_mask_ids(tokens, masking, cfg.mask_id), labels, prev=prev, counts=fwd_counts, logits_for="masked")
     idx = out["masked_index"]  # (B, Nm), -1 where a row has fewer masked tokens
     target = torch.gather(tokens, 1, idx.clamp(min=0)).masked_fill(idx < 0, -100)

@@ -118,6 +118,24 @@ def test_fused_loss_and_gradients_within_pytorch_error(per_row, reuse, gen, pois
         assert_within_pytorch_error(f"grad {name}", got[1][name], lowp[1][name], oracle[1][name], torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_visible_features_are_the_forward_features_at_visible_positions(backend, gen, poison):
+    """The fused reuse pass runs only embedding and encoder: its features must be the
+    full forward's wherever reuse reads them (visible positions), on ragged rows too."""
+    model = build(backend=backend)
+    tokens, labels = batch(model, 4, gen)
+    d = T.sample_masks(4, model.config.tokens, gen, per_row=True)
+    ids = tokens.masked_fill(d.masking, model.config.mask_id)
+    with torch.no_grad():
+        full = model(ids, labels)
+        part = model.visible_features(ids, labels, counts=d.counts())
+    assert part.logits is None and torch.equal(part.masking, d.masking)
+    visible = ~d.masking
+    assert torch.allclose(part.feat[visible], full.feat[visible], atol=1e-5, rtol=0)
+    assert torch.count_nonzero(part.feat[d.masking]) == 0
+    assert torch.equal(part.masked_index, full.masked_index)
+
+
 def test_reuse_pass_takes_no_gradient(gen):
     model, ema = build(backend="torch"), build(backend="torch", seed=5)
     ema.requires_grad_(True)
