@@ -30,7 +30,7 @@ from enat.backends import fused_backend_for
 
 from . import _env
 from ._training_paths import CPU_SHAPES, GPU_SHAPES, TrainShape, cpu_peak_rss_step, cuda_peak, make_trainer
-from .paired import _paired_env, _quartiles
+from .paired import _paired_env, _quartiles, emit
 
 
 def _cpu_peak_in_child(shape: TrainShape, backend: str, threads: int, queue) -> None:
@@ -141,12 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("no shape of this device matches --shapes")
     rows = run(shapes, args.rounds, env, memory=not args.no_memory)
     text = render(rows, env, args.rounds, "python -m benchmarks.paired_training " + " ".join(argv if argv is not None else sys.argv[1:]))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    emit(text, args.out)
     return 0
 
 
