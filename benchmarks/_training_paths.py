@@ -14,7 +14,6 @@ the published steps do; False: none), so a timing says which kind of step it is.
 from __future__ import annotations
 
 import contextlib
-import resource
 from dataclasses import dataclass
 
 import torch
@@ -110,17 +109,23 @@ def cpu_peak_rss_step(shape: TrainShape, backend: str, steps: int = 3) -> dict:
     """Peak resident memory of `steps` training steps above the process's resident size
     once the model, EMA and data exist (optimizer state and gradients included).
 
-    Run it in a fresh process per path (ru_maxrss only grows): see paired_training.py.
+    The kernel's peak counter (VmHWM) is reset just before the steps (/proc/self/clear_refs),
+    so imports and setup do not count.  Run it in a fresh process per path (memory
+    another path freed stays resident in the allocator): see paired_training.py.
     """
     torch.manual_seed(0)
     trainer = make_trainer(shape, backend, torch.device("cpu"))
-    base = _rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size to the current one
+    base = _status_bytes("VmRSS")
     for _ in range(steps):
         trainer.train_step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_bytes": max(0, peak - base), "base_bytes": base}
+    return {"peak_bytes": max(0, _status_bytes("VmHWM") - base), "base_bytes": base}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")

@@ -101,8 +101,9 @@ def render(rows: list[dict], env: _env.BenchEnv, rounds: int, command: str) -> s
         "update, the loss read back), order alternating per round, after two warm-up steps; median step time per "
         "path; **ratio** = median over rounds of (torch time / fused time in the same round), with its quartiles.",
         "- Peak memory: " + ("max_memory_allocated over one step, above the memory allocated before it"
-                             if gpu else "peak resident size over three steps in a fresh process, above its size with "
-                             "model, EMA and data built (optimizer state and gradients included)") + ".",
+                             if gpu else "peak resident size (VmHWM, reset before the steps) over three steps in a fresh "
+                             "process per path, above its size with model, EMA and data built (optimizer state and "
+                             "gradients included)") + ".",
         "",
     ]
     for row in rows:

@@ -297,8 +297,14 @@ def loss(
 
 def make_optimizer(model: nn.Module, lr: float = LR, weight_decay: float = WEIGHT_DECAY,
                    betas: tuple[float, float] = BETAS, **kwargs) -> torch.optim.AdamW:
-    """AdamW over every trainable parameter, with the published settings as defaults."""
+    """AdamW over every trainable parameter, with the published settings as defaults.
+
+    torch's fused implementation (one kernel over all parameters, the same update) where
+    it runs: floating-point parameters on CPUs and CUDA GPUs; pass fused= or foreach= to choose.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    if "fused" not in kwargs and "foreach" not in kwargs:
+        kwargs["fused"] = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
 
 

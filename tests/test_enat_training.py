@@ -228,6 +228,7 @@ def test_optimizer_and_warmup_defaults_are_the_published_ones():
     assert isinstance(opt, torch.optim.AdamW)
     group = opt.param_groups[0]
     assert (group["lr"], group["weight_decay"], group["betas"]) == (4e-4, 0.03, (0.99, 0.99))
+    assert group["fused"] is True  # torch's one-kernel AdamW, the same update
     sched = T.warmup_schedule(opt)
     lrs = []
     for _ in range(5002):
