@@ -74,6 +74,26 @@ class DDPAdapter(nn.Module):
         return {k: getattr(out, k) for k in ENATOutput.__slots__}
 
 
+def fsdp_shard(model: ENAT, **fully_shard_kwargs) -> ENAT:
+    """Shard the model's parameters over the default process group with FSDP2 (``fully_shard``).
+
+    The path for a model that does not fit one device (DDP keeps a full copy per
+    process).  Each block is its own unit, then the rest of the model.  The model calls
+    some parameters outside ``forward`` (adaLN ``modulation``, which is computed once per
+    step and reused, and ``visible_features``, the reuse pass of the fused path):
+    those methods are registered so FSDP gathers the parameters for them too.  Returns
+    the model (now holding DTensor shards); use it with ``loss`` as an unsharded one.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for blk in model.blocks:
+        fully_shard(blk, **fully_shard_kwargs)
+        register_fsdp_forward_method(blk, "modulation")
+    fully_shard(model, **fully_shard_kwargs)
+    register_fsdp_forward_method(model, "visible_features")
+    return model
+
+
 # ----------------------------------------------------------------------------- initialization
 
 
