@@ -139,6 +139,16 @@ def render(rows: list[dict], env: _env.BenchEnv, rounds: int, command: str) -> s
     return "\n".join(out)
 
 
+def emit(text: str, out: str | None) -> None:
+    """Write the table to `out`, or print it when no file is given."""
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--paths", default=None, help="comma-separated path names (default: ours and the main anchors)")
@@ -156,12 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = (args.paths or DEFAULT_PATHS[env.device.type]).split(",")
     rows = run(shapes, paths, args.directions.split(","), args.rounds, env)
     text = render(rows, env, args.rounds, "python -m benchmarks.paired " + " ".join(argv if argv is not None else sys.argv[1:]))
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    emit(text, args.out)
     return 0
 
 

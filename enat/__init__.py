@@ -1,4 +1,4 @@
-"""ENAT (NeurIPS 2024) on enat_kernels: model, sampler, checkpoints, scale-out, command line.
+"""ENAT (NeurIPS 2024) on enat_kernels: model, sampler, training (enat.training), checkpoints, scale-out, command lines.
 
     >>> import torch, enat
     >>> model = enat.ENAT("e4d2-c256h4-l256").eval()

@@ -382,6 +382,37 @@ class ENAT(nn.Module):
             if lo < 0 or hi > cfg.mask_id:
                 raise ValueError(f"ids must lie in [0, {cfg.mask_id}] ({cfg.mask_id} = mask token), got min {lo} max {hi}")
 
+    def _encode_all_visible(self, x, masking, counts, routing, enc, run):
+        """Split x by the mask; the visible part (false_tokens) through the encoder (no reuse)."""
+        with scope("enat::routing"):
+            split = ek.split_tokens(x, masking, counts.masked, counts.visible, backend=routing)
+        vis = split.false_tokens
+        if counts.visible > 0:
+            for blk, m in enc:
+                vis = blk(vis, m, x_lens=split.false_lens, **run)
+        return split._replace(false_tokens=vis)
+
+    def visible_features(self, ids: torch.Tensor, labels: torch.Tensor, *, counts: TokenCounts | None = None) -> ENATOutput:
+        """What a later step reuses from a step on `ids` (without reuse itself): embedding and encoder only.
+
+        Returns an ENATOutput whose feat (B, L, C) equals ``forward(ids, labels).feat`` at the
+        visible positions and is zero at the masked ones (the decoder and head do not run:
+        reuse reads only the visible rows of ``prev.feat``); logits is None.
+        """
+        self._check_inputs(ids, labels, None)
+        cfg = self.config
+        masking = ids == cfg.mask_id
+        counts = TokenCounts.from_masks(masking) if counts is None else counts
+        with scope("enat::embed"):
+            x = self.x_embedder(ids)
+        be = _backends.resolve(self.backend, x.device, x.dtype, cfg.head_dim)
+        c = self.y_embedder(labels.reshape(-1))
+        enc = [(blk, blk.modulation(c)) for blk in self.encoder]
+        split = self._encode_all_visible(x, masking, counts, be.routing, enc, dict(fused=be.requested != "torch", backend=be.attention))
+        with scope("enat::routing"):
+            feat = ek.scatter_tokens(split.false_tokens, split.false_indices, cfg.tokens, backend=be.routing)
+        return ENATOutput(None, feat, masking, split.true_indices, split.true_lens)
+
     def forward(
         self,
         ids: torch.Tensor,
@@ -426,13 +457,9 @@ class ENAT(nn.Module):
         run = dict(fused=fused, backend=be.attention)
 
         if prev is None:
-            with scope("enat::routing"):
-                split = ek.split_tokens(x, masking, counts.masked, counts.visible, backend=routing)
+            split = self._encode_all_visible(x, masking, counts, routing, enc, run)
             msk, msk_idx, msk_len = split.true_tokens, split.true_indices, split.true_lens
             vis, vis_idx, vis_len = split.false_tokens, split.false_indices, split.false_lens
-            if counts.visible > 0:
-                for blk, m in enc:
-                    vis = blk(vis, m, x_lens=vis_len, **run)
         else:
             with scope("enat::routing"):
                 msk_idx, msk_len = ek.mask_to_indices(masking, counts.masked, backend=routing)

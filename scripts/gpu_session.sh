@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_session.sh build      # pip install --no-build-isolation . for this GPU's architecture
 #   scripts/gpu_session.sh test       # the suites that run CUDA kernels (Triton, CUDA C++, routing, model)
-#   scripts/gpu_session.sh bench      # pytest-benchmark suite + report, then paired rounds
+#   scripts/gpu_session.sh bench      # pytest-benchmark suite + report, then paired rounds (attention, training step)
 #   scripts/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck (scripts/sanitize.py)
 #   scripts/gpu_session.sh all        # the four in order (longer than one 10-minute command)
 #   scripts/gpu_session.sh --dry-run all   # print the commands only
@@ -51,6 +51,7 @@ phase_bench() {
   run "$py" benchmarks/report.py "$out/bench.json" --out-dir "$out" \
     --command "python -m pytest benchmarks/ --benchmark-only --benchmark-json=bench.json -rs"
   run "$py" -P -c "import sys; sys.path.append('.'); from benchmarks.paired import main; sys.exit(main(['--out', '$out/paired.md']))"
+  run "$py" -P -c "import sys; sys.path.append('.'); from benchmarks.paired_training import main; sys.exit(main(['--out', '$out/training.md']))"
 }
 
 phase_sanitize() {

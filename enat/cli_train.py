@@ -1,0 +1,183 @@
+"""``enat-train``: train or fine-tune ENAT on VQ token features, on the fused kernels.
+
+    enat-train --data train.npy --config e4d2-c256h4-l256 --batch-size 64 --steps 10000 --out run1
+    enat-train --data features/ --init nnet_ema.pth --lr 1e-4 --warmup 500 --steps 2000 --out ft   # fine-tune
+    enat-train --data train.npy --out run1 --steps 20000 --resume                                    # continue run1
+    torchrun --nproc-per-node 8 -m enat.cli_train --data train.npy --batch-size 2048 --precision bf16 --out run1
+
+Data: the published feature format, an integer .npy array with one row
+``[label, tokens...]`` per image, or a directory of such files (enat/data.py).
+Checkpoints: ``<out>/ckpts/<step>.ckpt/{nnet,nnet_ema,optimizer,train_state}.pth``;
+``nnet_ema.pth`` is what ``enat-sample --checkpoint`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import backends as _backends
+from . import training as T
+from .checkpoint import CheckpointError, infer_config, read_state_dict
+from .cli import _cpu_threads
+from .configs import DEFAULT_CONFIG, get_config
+from .data import DataError, TokenDataset
+from .distributed import init_from_env
+from .model import ENAT
+from .trainer import Throughput, Trainer, TrainSettings, init_weights, latest_checkpoint
+
+PROG = "enat-train"
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Train or fine-tune ENAT on VQ token features (fused enat_kernels path).")
+    p.add_argument("--data", required=True, help=".npy feature file (rows [label, tokens]) or a directory of them")
+    p.add_argument("--config", default=None, help=f"configuration name (default {DEFAULT_CONFIG}, or read from --init)")
+    p.add_argument("--heads", type=_positive(int), default=None, help="head count when the configuration is read from --init (default width / 64)")
+    p.add_argument("--init", default=None, help="start from these weights (e.g. a released nnet_ema.pth) instead of from scratch")
+    p.add_argument("--out", default="enat_train", help="output folder: checkpoints in OUT/ckpts (default enat_train)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/ckpts")
+    p.add_argument("-b", "--batch-size", type=_positive(int), default=64, help="global batch, over all processes (published: 2048; default 64)")
+    p.add_argument("--steps", type=_positive(int), default=1000, help="total optimizer steps (published: 500k; default 1000)")
+    p.add_argument("--lr", type=_positive(float), default=T.LR, help=f"peak learning rate (default {T.LR})")
+    p.add_argument("--weight-decay", type=float, default=T.WEIGHT_DECAY, help=f"AdamW weight decay (default {T.WEIGHT_DECAY})")
+    p.add_argument("--betas", type=float, nargs=2, default=T.BETAS, help="AdamW betas (default 0.99 0.99)")
+    p.add_argument("--warmup", type=int, default=T.WARMUP_STEPS, help=f"linear warm-up steps (default {T.WARMUP_STEPS})")
+    p.add_argument("--ema-decay", type=_fraction, default=T.EMA_DECAY, help=f"EMA rate (default {T.EMA_DECAY})")
+    p.add_argument("--grad-clip", type=_positive(float), default=None, help="clip the gradient norm to this value (default: off)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPUs (fp16 with loss scaling); fp32 on CPUs")
+    p.add_argument("--label-drop", type=_fraction, default=T.LABEL_DROP, help=f"null-label probability (default {T.LABEL_DROP})")
+    p.add_argument("--reuse-prob", type=_fraction, default=T.REUSE_PROB, help=f"probability of a reuse step (default {T.REUSE_PROB})")
+    p.add_argument("--per-row-ratio", action="store_true", help="one mask ratio per row (ragged batch) instead of one per batch")
+    p.add_argument("--label-smoothing", type=_fraction, default=T.LABEL_SMOOTHING, help=f"(default {T.LABEL_SMOOTHING})")
+    p.add_argument("--dropout", type=_fraction, default=0.1, help="dropout after the embedding LayerNorm (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization, sample order, masks and dropout (default 0)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + tuple(_backends.BACKENDS),
+                   help="enat_kernels backend (default auto: cpu on CPUs, triton/cuda on GPUs; torch = reference path)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for torch")
+    p.add_argument("--log-every", type=_positive(int), default=50, help="progress line every N steps (default 50)")
+    p.add_argument("--save-every", type=_positive(int), default=1000, help="checkpoint every N steps, and at the end (default 1000)")
+    return p
+
+
+def _model_config(args):
+    state = read_state_dict(args.init) if args.init else None
+    if args.config is None and state is not None:
+        return infer_config(state, heads=args.heads)
+    return get_config(args.config or DEFAULT_CONFIG)
+
+
+def _say(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    threads_before = torch.get_num_threads()
+    try:
+        return train(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads_before)  # main() may be called in-process (tests)
+
+
+def build_trainer(args) -> tuple[Trainer, str]:
+    """The trainer of these arguments (and a sentence on where the weights come from)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    config = _model_config(args)
+    data = TokenDataset(args.data, config)
+    backend = _backends.fused_backend_for(device) if args.backend == "auto" else args.backend
+    model = ENAT(config, backend=backend)
+    origin = init_weights(model, args.init, args.seed)
+    settings = TrainSettings(
+        global_batch=args.batch_size, seed=args.seed, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+        betas=tuple(args.betas), warmup=args.warmup, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
+        precision=args.precision, label_drop=args.label_drop, reuse_prob=args.reuse_prob,
+        per_row_ratio=args.per_row_ratio, label_smoothing=args.label_smoothing, dropout=args.dropout,
+    )
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.manual_seed(args.seed + rank)  # dropout: its own stream per rank
+    trainer = Trainer(model, data, settings, args.out, device)
+    if args.resume:
+        path = latest_checkpoint(args.out)
+        if path is not None:
+            trainer.resume(path)
+            origin = f"resumed from {path} (step {trainer.step})"
+    return trainer, origin
+
+
+def train(args, on_step=None) -> int:
+    """Run `args` (parsed enat-train arguments); on_step(trainer, loss) after every step (tests)."""
+    device_type = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0]
+    if device_type == "cpu":
+        torch.set_num_threads(_cpu_threads(args.threads)[0])
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    distributed = init_from_env(device_type)
+    try:
+        return _train(args, on_step, distributed)
+    finally:
+        if distributed and not joined:  # the group this call created (torchrun), not a caller's
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, on_step, distributed: bool) -> int:
+    rank = torch.distributed.get_rank() if distributed else 0
+    try:
+        trainer, origin = build_trainer(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    cfg, s = trainer.config, trainer.settings
+    _say(rank, f"{PROG}: {cfg.name} ({cfg.num_params() / 1e6:.1f}M parameters), {origin}")
+    _say(rank, f"  data: {len(trainer.data)} rows from {len(trainer.data.files)} file(s); global batch {s.global_batch} "
+               f"over {trainer.world} process(es); {trainer.device}, {s.precision}, backend "
+               f"{trainer.model.resolved_backends().describe()}")
+    if trainer.step >= s.steps:
+        _say(rank, f"  already at step {trainer.step} >= --steps {s.steps}: nothing to do")
+        return 0
+    meter, running, n = Throughput(), None, 0
+    while trainer.step < s.steps:
+        loss = trainer.train_step()
+        meter.tick()
+        running = loss if running is None else running + loss
+        n += 1
+        if on_step is not None:
+            on_step(trainer, loss)
+        last = trainer.step == s.steps
+        if trainer.step % args.log_every == 0 or last:
+            images, tokens = meter.rates(s.global_batch, cfg.tokens)
+            _say(rank, f"  step {trainer.step}/{s.steps}  loss {running.item() / n:.4f}  lr {trainer.lr:.3g}  "
+                       f"{tokens:,.0f} tokens/s  {images:.1f} images/s  epoch {trainer.stream.epoch_of(trainer.step):.2f}")
+            running, n = None, 0
+        if trainer.step % args.save_every == 0 or last:
+            path = trainer.save()
+            _say(rank, f"  saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

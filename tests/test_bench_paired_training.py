@@ -1,0 +1,35 @@
+"""benchmarks/paired_training.py end to end on a tiny configuration: both paths agree on
+the first loss, the table has the per-round ratio, and the CPU peak memory is measured
+in a fresh process."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "e2d1-c32h2-l16-v64-k10"
+
+
+def test_paired_training_table(tmp_path):
+    out = tmp_path / "training.md"
+    # From outside the source tree, the repository appended to sys.path: the installed
+    # enat_kernels (with its compiled extension) wins over ./enat_kernels.
+    code = (
+        f"import sys; sys.path.append({ROOT!r}); from benchmarks.paired_training import main; "
+        f"sys.exit(main(['--config', {TINY!r}, '--batch', '2', '--rounds', '2', '--shapes', {TINY + '-B2-reuse'!r}, "
+        f"'--out', {str(out)!r}]))"
+    )
+    env = dict(os.environ, ENAT_BENCH_DEVICE="cpu", ENAT_BENCH_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert "Method: 2 rounds" in text and f"## {TINY}: B=2, reuse pass on" in text
+    fused = next(line for line in text.splitlines() if line.startswith("| fused (cpu)"))
+    torch_row = next(line for line in text.splitlines() if line.startswith("| torch (reference)"))
+    ratio = torch_row.split("|")[3].strip()
+    assert ratio.endswith(")") and "x (" in ratio and float(ratio.split("x")[0]) > 0, torch_row
+    for row in (fused, torch_row):
+        assert row.split("|")[4].strip().endswith("MiB"), row  # peak memory measured for both paths
+    first = next(line for line in text.splitlines() if line.startswith("First-step loss"))
+    a, b = (float(part.split()[-1].rstrip(".,")) for part in first.split(",")[:2])
+    assert abs(a - b) < 1e-3 * abs(b)
