@@ -101,7 +101,11 @@ assert not bad, f"backends unavailable: {bad}"'
 }
 
 phase_tests() {
-  run "${PYTEST[@]}" --junitxml="$work/tests.xml" --maxfail=25 \
+  # Four workers when pytest-xdist is there: the Triton JIT compiles of the many
+  # specializations dominate this phase and run on the CPU cores in parallel.
+  local par=()
+  "$py" -c "import xdist" 2>/dev/null && par=(-n 4)
+  run "${PYTEST[@]}" "${par[@]}" --junitxml="$work/tests.xml" --maxfail=25 \
     tests/test_cuda_sc_attention.py tests/test_triton_sc_attention.py tests/test_sc_attention.py tests/test_routing.py \
     -k "(gpu or cuda or triton) and not float32 and not float64 and not torch_compile and not emulated"
 }

@@ -246,6 +246,8 @@ def summarize(work: Path, out: Path, dry_run: bool = False) -> tuple[dict, str]:
     head += ["| phase | status | seconds | budget |", "|---|---|---:|---:|"]
     head += [f"| {p['phase']} | {p['status']} | {p['seconds']} | {p['budget']} |" for p in phases]
     head.append("")
+    if tests is None and any(p["phase"] == "tests" and p["status"] not in ("DRY-RUN", "SKIPPED") for p in phases):
+        head += ["tests: no JUnit XML (the phase stopped before pytest wrote it; see tests.log)", ""]
     if tests:
         if "error" in tests:
             head.append(f"tests: {tests['error']}")
