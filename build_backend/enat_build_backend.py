@@ -24,7 +24,7 @@ import sys
 
 from setuptools.build_meta import *  # noqa: F401,F403  (the other PEP 517 hooks unchanged)
 
-TORCH_RANGE = "torch>=2.11,<2.15"
+TORCH_RANGE = "torch>=2.11,<2.15"  # as pyproject.toml's dependencies
 # A version outside the supported range is not pinned: the build then fails on the
 # range, as the runtime dependency would, instead of compiling for an unsupported torch.
 SUPPORTED = ((2, 11), (2, 14))
@@ -37,7 +37,9 @@ def installed_torch_version(python: str = sys.executable) -> str | None:
         res = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
+    if res.returncode != 0:
+        return None
+    return res.stdout.strip() or None
 
 
 def torch_requirement(installed: str | None) -> str:

@@ -113,7 +113,7 @@ phase_tests() {
 phase_sanitize() {
   # Per kernel: forward and backward (output-only gradient, three small ragged/view/
   # empty-cond cases), mask_to_indices + gather + scatter (split then restore), merge.
-  run "$py" scripts/sanitize.py --timeout 32 --report "$work/sanitize.md" -- \
+  run "$py" scripts/sanitize.py --timeout 30 --report "$work/sanitize.md" -- \
     tests/test_sc_attention.py tests/test_routing.py -p no:cacheprovider -q \
     -k "(cuda or triton) and (test_dense_output_only_gradient or (test_split_then_restore_is_identity and bfloat16) or (test_merge_equals_gathering_the_union and bfloat16))"
 }

@@ -166,13 +166,15 @@ def attention_table(rows: list[report.Row]) -> list[dict]:
 def routing_table(rows: list[report.Row]) -> list[dict]:
     out = []
     for (op, case), members in report.group_rows([r for r in rows if r.op.startswith("routing:")]).items():
-        for r in members:
-            if r.role == report.OURS and r.path in ("ours:cuda", "ours:triton"):
-                out.append({
-                    "op": op, "case": case, "path": r.path, "tbps": r.tbps,
-                    "copy_fraction": r.tbps / r.peak_tbps if r.tbps and r.peak_tbps else None,
-                    "speedup": r.speedup, "best_anchor": r.best_anchor,
-                })
+        ours = {r.path: r for r in members if r.role == report.OURS and r.path in ("ours:cuda", "ours:triton")}
+        if not ours:
+            continue
+        best = min(ours.values(), key=lambda r: r.median)
+        out.append({
+            "op": op, "case": case, "tbps": {p: r.tbps for p, r in ours.items()}, "best_ours": best.path,
+            "copy_fraction": best.tbps / best.peak_tbps if best.tbps and best.peak_tbps else None,
+            "speedup": best.speedup, "best_anchor": best.best_anchor,
+        })
     return out
 
 
@@ -196,22 +198,23 @@ def render_tables(attn: list[dict], route: list[dict], samp: list[dict]) -> list
     if attn:
         present = [k for k in ATTN_ANCHORS if any(k in a["ratios"] for a in attn)]
         lines += ["Attention (TFLOP/s; ratio = anchor time / best of ours, >1: ours faster)", ""]
-        lines += ["| direction | shape | triton | cuda | " + " | ".join(f"vs {k}" for k in present) + " |"]
-        lines += ["|---|---|---:|---:|" + "---:|" * len(present)]
+        lines += ["| direction | shape | triton | cuda | best | " + " | ".join(f"vs {k}" for k in present) + " |"]
+        lines += ["|---|---|---:|---:|---|" + "---:|" * len(present)]
         for a in attn:
             cells = [_f(a["ratios"].get(k), "{:.2f}x") for k in present]
             lines.append(
                 f"| {a['op'].removeprefix('sc_attention ')} | {a['case'].split(' H=')[0]} | {_f(a['tflops'].get('ours:triton'))} | "
-                f"{_f(a['tflops'].get('ours:cuda'))} | " + " | ".join(cells) + " |"
+                f"{_f(a['tflops'].get('ours:cuda'))} | {(a['best_ours'] or '-').removeprefix('ours:')} | " + " | ".join(cells) + " |"
             )
         lines.append("")
     if route:
-        lines += ["Routing (TB/s; % of the measured copy bandwidth; speedup vs best anchor)", ""]
-        lines += ["| op | shape | path | TB/s | % copy | vs anchor |", "|---|---|---|---:|---:|---:|"]
+        lines += ["Routing (TB/s; best of ours as % of the measured copy bandwidth, and vs the best anchor)", ""]
+        lines += ["| op | shape | triton | cuda | % copy | vs anchor |", "|---|---|---:|---:|---:|---:|"]
         for r in route:
+            frac = r["copy_fraction"]
             lines.append(
-                f"| {r['op'].removeprefix('routing:')} | {r['case'].split(':')[0]} | {r['path']} | {_f(r['tbps'], '{:.2f}')} | "
-                f"{_f(r['copy_fraction'] and 100 * r['copy_fraction'], '{:.0f}%')} | {_f(r['speedup'], '{:.2f}x')} |"
+                f"| {r['op'].removeprefix('routing:')} | {r['case'].split(':')[0]} | {_f(r['tbps'].get('ours:triton'), '{:.2f}')} | "
+                f"{_f(r['tbps'].get('ours:cuda'), '{:.2f}')} | {_f(frac and 100 * frac, '{:.0f}%')} | {_f(r['speedup'], '{:.2f}x')} |"
             )
         lines.append("")
     if samp:

@@ -127,9 +127,10 @@ def test_summary_tables_from_benchmark_json(tmp_path):
     # SDPA's kernels compete as one anchor (its fastest); the ratio is anchor / best of ours.
     assert row["ratios"] == pytest.approx({"sdpa+cat": 1.5, "sdpa": 1.25, "reference": 4.0})
     (r,) = facts["routing"]
-    assert r["tbps"] == pytest.approx(2.0) and r["copy_fraction"] == pytest.approx(0.5) and r["speedup"] == pytest.approx(3.0)
+    assert r["tbps"] == pytest.approx({"ours:cuda": 2.0}) and r["copy_fraction"] == pytest.approx(0.5) and r["speedup"] == pytest.approx(3.0)
     (s,) = facts["sampling"]
     assert s["speedup"] == pytest.approx(1.5)
-    assert "| fwd | dec256: B=500 Nq=128 Nc=128 | 250.0 | 500.0 | 1.50x | 1.25x | 4.00x |" in res.stdout
+    assert "| fwd | dec256: B=500 Nq=128 Nc=128 | 250.0 | 500.0 | cuda | 1.50x | 1.25x | 4.00x |" in res.stdout
+    assert "| gather | step256 | - | 2.00 | 50% | 3.00x |" in res.stdout
     assert (out / "bench-report.md").exists() and "ours:cuda" in (out / "bench-report.md").read_text()
     assert facts["verdict"] == "PASS"
