@@ -62,3 +62,14 @@ def test_requirement_hooks_ask_for_the_installed_torch(monkeypatch):
     assert backend.get_requires_for_build_wheel() == ["torch==2.11.0"]
     assert backend.get_requires_for_build_editable() == ["torch==2.11.0"]
     assert backend.get_requires_for_build_sdist() == ["torch==2.11.0"]
+
+
+def test_pyproject_uses_this_backend_and_no_static_torch():
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    build_system = text.split("[build-system]", 1)[1].split("\n[", 1)[0]
+    assert 'build-backend = "enat_build_backend"' in build_system
+    assert 'backend-path = ["build_backend"]' in build_system
+    # A static torch requirement would first install the newest torch into the build
+    # environment (gigabytes), only for the pin to replace it.
+    requires = build_system.split("requires", 1)[1].split("]", 1)[0]
+    assert "torch" not in requires
