@@ -17,10 +17,10 @@
 # attention suite and the routing tests (every backend).  The slow-marked cases are
 # left to the newest leg.
 #
-# Time: about 12 minutes on the 2-core CI machine while other builds shared it (most
-# of it the install: torch 2.11.0 is unpacked twice, into this environment and into
-# pip's isolated build environment, then the CPU extension and the sm_90 CUDA
-# extension compile), plus a few minutes of tests.
+# Time, measured on the 2-core CI machine while four other builds shared it: the
+# install 619 s (torch 2.11.0 is unpacked twice, into this environment and into pip's
+# isolated build environment, then the CPU extension and the sm_90 CUDA extension
+# compile), the tests about 2-4 minutes; the whole .ci/run about 45 minutes there.
 #
 # Called by .ci/run; runs on its own too:  .ci/floor-leg.sh
 set -euo pipefail
