@@ -12,7 +12,9 @@ toolchain never costs the CPU kernels:
 Build flags (environment variables):
 
 - ``ENAT_KERNELS_SKIP_CUDA=1``  build only ``_C``.
-- ``TORCH_CUDA_ARCH_LIST``      architectures for ``_C_cuda``; default ``8.0;9.0``.
+- ``TORCH_CUDA_ARCH_LIST``      architectures for ``_C_cuda``; default ``8.0;9.0+PTX`` (machine
+                                code for sm_80 and sm_90, and sm_90 PTX that the driver
+                                compiles for newer GPUs on first use).
 - ``ENAT_KERNELS_DEBUG=1``      ``-O0 -g`` host code and ``-lineinfo`` device code.
 - ``ENAT_KERNELS_SANITIZE=1``   ``_C`` with AddressSanitizer and UndefinedBehaviorSanitizer
   (``-O1 -g``, any UB aborts); implies ``ENAT_KERNELS_SKIP_CUDA``.  Run Python with the
@@ -35,7 +37,7 @@ from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _flag(name: str) -> bool:

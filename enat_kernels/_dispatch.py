@@ -76,6 +76,8 @@ def backend_error(name: str, device_type: str) -> str | None:
         if err is None and not torch.cuda.is_available():
             archs = _extension.build_info().get("CUDA_ARCHS")
             return f"extension loaded (compiled for {archs}), but no CUDA device is visible"
+        if err is None:
+            err = _extension.cuda_device_error(torch.cuda.current_device())
         return err
     if name == "triton":
         from . import triton as _triton

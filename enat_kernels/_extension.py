@@ -71,6 +71,34 @@ def cuda_extension_error() -> str | None:
     return _status["_C_cuda"]
 
 
+_image_errors: dict[int, str | None] = {}  # CUDA device index -> probe result
+
+
+def cuda_device_error(index: int) -> str | None:
+    """None when the loaded CUDA extension has a kernel image for CUDA device `index`.
+
+    Probed once per device with a kernel-attributes query (no launch).  A build whose
+    arch list misses the device and carries no PTX the driver can compile for it
+    (say, sm_80/sm_90 code on a newer card) would fail every launch with "no kernel
+    image"; the backend reports itself unavailable with this reason instead.
+    """
+    if index not in _image_errors:
+        _image_errors[index] = _probe_kernel_image(index)
+    return _image_errors[index]
+
+
+def _probe_kernel_image(index: int) -> str | None:
+    err = importlib.import_module("enat_kernels._C_cuda").kernel_image_error(index)
+    if err is None:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    archs = build_info().get("CUDA_ARCHS")
+    return (
+        f"no kernel image for {torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) "
+        f"in this build (compiled for {archs}): {err}; rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\""
+    )
+
+
 def build_info() -> dict:
     """What the installed extension was built with (empty when it was not built)."""
     info = _build_info()

@@ -114,4 +114,18 @@ cudaError_t copy_rows(void* dst, const void* src, const int64_t* idx, int64_t B,
   return launch_copy<uint8_t>(dst, src, idx, B, N, src_len, dst_len, row_bytes, scatter, stream);
 }
 
+cudaError_t probe_kernel_image(int device) {
+  int previous = 0;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return err;
+  if (device != previous && (err = cudaSetDevice(device)) != cudaSuccess) return err;
+  cudaFuncAttributes attr;
+  const cudaError_t found = cudaFuncGetAttributes(&attr, mask_to_indices_kernel);
+  // The error is not sticky, but it is the thread's last error: cleared, so that no
+  // later launch check reports it as its own.
+  if (found != cudaSuccess) cudaGetLastError();
+  if (device != previous) cudaSetDevice(previous);
+  return found;
+}
+
 }  // namespace enat_kernels::cuda

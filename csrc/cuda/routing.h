@@ -20,4 +20,11 @@ cudaError_t mask_to_indices(const bool* mask, int64_t B, int64_t L, int64_t coun
 cudaError_t copy_rows(void* dst, const void* src, const int64_t* idx, int64_t B, int64_t N, int64_t src_len,
                       int64_t dst_len, int64_t row_bytes, bool scatter, cudaStream_t stream);
 
+// Whether this build has a kernel image (machine code, or PTX the driver can compile)
+// for `device`: cudaFuncGetAttributes on one kernel, with `device` current for the
+// call.  cudaSuccess when it has; cudaErrorNoKernelImageForDevice (or
+// cudaErrorInvalidDeviceFunction) when the arch list missed the device.  Every kernel
+// of the extension is compiled with the same arch list, so one kernel answers for all.
+cudaError_t probe_kernel_image(int device);
+
 }  // namespace enat_kernels::cuda

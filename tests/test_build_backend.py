@@ -1,0 +1,75 @@
+"""The in-tree build backend pins the build's torch to the torch already installed.
+
+The full path (an environment with torch 2.11.0, `pip install .` with build isolation,
+the compiled extensions loading afterwards) is CI's floor leg, .ci/floor-leg.sh; these
+are the cheap checks of its two decisions: which torch is installed, and what to ask for.
+"""
+
+import importlib.metadata
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "build_backend"))
+import enat_build_backend as backend  # noqa: E402
+
+sys.path.pop(0)
+
+
+@pytest.mark.parametrize(
+    "installed, expected",
+    [
+        ("2.11.0+cu130", "torch==2.11.0"),  # local tag dropped: the registry's wheels have none
+        ("2.11.0", "torch==2.11.0"),
+        ("2.14.1+cpu", "torch==2.14.1"),
+        ("2.13.0", "torch==2.13.0"),
+        (None, backend.TORCH_RANGE),  # no torch yet: the range, as the runtime dependency
+        ("2.10.0", backend.TORCH_RANGE),  # unsupported: not pinned, the range then refuses it
+        ("2.15.0.dev20270101", backend.TORCH_RANGE),
+        ("garbage", backend.TORCH_RANGE),
+    ],
+)
+def test_torch_requirement(installed, expected, monkeypatch):
+    monkeypatch.delenv("ENAT_KERNELS_BUILD_TORCH", raising=False)
+    assert backend.torch_requirement(installed) == expected
+
+
+def test_torch_requirement_override(monkeypatch):
+    monkeypatch.setenv("ENAT_KERNELS_BUILD_TORCH", "torch==2.12.0")
+    assert backend.torch_requirement("2.11.0") == "torch==2.12.0"
+
+
+def test_probe_sees_torch_through_pip_isolation(tmp_path, monkeypatch):
+    """pip hides the target's site-packages from the build with a sitecustomize on
+    PYTHONPATH and PYTHONNOUSERSITE; the probe must still read the installed torch."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.path[:] = [p for p in sys.path if 'site-packages' not in p]\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONNOUSERSITE", "1")
+    assert backend.installed_torch_version() == importlib.metadata.version("torch")
+
+
+def test_probe_without_torch_or_python(tmp_path):
+    assert backend.installed_torch_version(str(tmp_path / "no-python")) is None
+
+
+def test_requirement_hooks_ask_for_the_installed_torch(monkeypatch):
+    monkeypatch.delenv("ENAT_KERNELS_BUILD_TORCH", raising=False)
+    monkeypatch.setattr(backend, "installed_torch_version", lambda: "2.11.0+cu130")
+    assert backend.get_requires_for_build_wheel() == ["torch==2.11.0"]
+    assert backend.get_requires_for_build_editable() == ["torch==2.11.0"]
+    assert backend.get_requires_for_build_sdist() == ["torch==2.11.0"]
+
+
+def test_pyproject_uses_this_backend_and_no_static_torch():
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    build_system = text.split("[build-system]", 1)[1].split("\n[", 1)[0]
+    assert 'build-backend = "enat_build_backend"' in build_system
+    assert 'backend-path = ["build_backend"]' in build_system
+    # A static torch requirement would first install the newest torch into the build
+    # environment (gigabytes), only for the pin to replace it.
+    requires = build_system.split("requires", 1)[1].split("]", 1)[0]
+    assert "torch" not in requires
