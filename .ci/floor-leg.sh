@@ -2,8 +2,10 @@
 # CI floor leg: the oldest supported torch and Triton, in their own virtual environment,
 # installed the way a user with torch already in place installs this package.
 #
-#   torch 2.11.0 + triton 3.6.0 from the registry, numpy 2.4 (the newest numpy both
-#   were released against), then the README's `pip install .` WITH build isolation:
+#   torch 2.11.0 + triton 3.6.0 from the registry, numpy < 2.4 (Triton 3.6's interpreter
+#   fails with numpy 2.4: it converts one-element arrays with int(), and the library
+#   then reports the interpreter unavailable), then the README's `pip install .` WITH
+#   build isolation:
 #   the in-tree build backend must compile against the torch 2.11.0 already there,
 #   so the compiled CPU and CUDA extensions must load afterwards.
 #
@@ -26,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FLOOR_PINS=(torch==2.11.0 triton==3.6.0 numpy==2.4.6)
+FLOOR_PINS=(torch==2.11.0 triton==3.6.0 "numpy<2.4")
 start=$SECONDS
 
 venv="$(mktemp -d)/venv-floor"
@@ -61,6 +63,9 @@ else:
     print("CUDA extension not built here:", info["CUDA_SKIP_REASON"])
 PY
 )
+# The interpreter suite below must run, not skip itself: Triton under TRITON_INTERPRET=1
+# must be available with these pins.
+(cd /tmp && TRITON_INTERPRET=1 python -c "import enat_kernels as ek; s = ek.backends()['triton']; print('triton:', s); assert s.available, s")
 
 echo "== floor: tests (Triton under TRITON_INTERPRET=1, code generation, CPU, routing)"
 TRITON_INTERPRET=1 pytest -q -rs -p no:cacheprovider -m "not slow" \

@@ -61,8 +61,14 @@ def _dtype_name(d: torch.dtype) -> str:
 # ----------------------------------------------------------------------------- availability
 
 
-def backend_error(name: str, device_type: str) -> str | None:
-    """None when backend `name` can run on tensors of `device_type` here, else why not."""
+def backend_error(name: str, device: str | torch.device) -> str | None:
+    """None when backend `name` can run on tensors of `device` here, else why not.
+
+    device: the inputs' device ("cuda:1", a torch.device) or a device type ("cuda":
+    then the current device stands for it).
+    """
+    device = torch.device(device)
+    device_type = device.type
     if name == "torch":
         return None
     if name == "cpu":
@@ -76,8 +82,8 @@ def backend_error(name: str, device_type: str) -> str | None:
         if err is None and not torch.cuda.is_available():
             archs = _extension.build_info().get("CUDA_ARCHS")
             return f"extension loaded (compiled for {archs}), but no CUDA device is visible"
-        if err is None:
-            err = _extension.cuda_device_error(torch.cuda.current_device())
+        if err is None:  # the build may hold no kernel image for this device's architecture
+            err = _extension.cuda_device_error(cuda_index(device))
         return err
     if name == "triton":
         from . import triton as _triton
@@ -86,9 +92,9 @@ def backend_error(name: str, device_type: str) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
-def _op_error(name: str, op: str, device_type: str) -> str | None:
-    """Whether backend `name` implements `op` (a kernel may not have landed yet)."""
-    err = backend_error(name, device_type)
+def _op_error(name: str, op: str, device: str | torch.device) -> str | None:
+    """Whether backend `name` runs here and implements `op` in this build."""
+    err = backend_error(name, device)
     if err is not None or name == "torch":
         return err
     if name == "triton":
@@ -114,7 +120,7 @@ def attention_error(name: str, device: str | torch.device, dtype: torch.dtype, h
     """
     device = torch.device(device)
     device_type = device.type
-    err = _op_error(name, "sc_attn_fwd", device_type)
+    err = _op_error(name, "sc_attn_fwd", device)
     if err is not None:
         return err
     if name == "cuda" and torch.cuda.is_available():
@@ -135,8 +141,8 @@ def attention_error(name: str, device: str | torch.device, dtype: torch.dtype, h
     return None
 
 
-def routing_error(name: str, device_type: str) -> str | None:
-    return _op_error(name, "gather_rows", device_type)
+def routing_error(name: str, device: str | torch.device) -> str | None:
+    return _op_error(name, "gather_rows", device)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -219,16 +225,17 @@ def select_attention(backend, device: torch.device, dtype, head_dim: int, n_q: i
 
 
 @torch.compiler.assume_constant_result
-def _choose_routing(requested, dt: str, op: str):
+def _choose_routing(requested, device: str, op: str):
+    dt = torch.device(device).type
     if requested is not None:
-        err = routing_error(requested, dt)
+        err = routing_error(requested, device)
         if err is not None:
             return None, f"backend={requested!r} cannot run {op}: {err}"
         log.info("%s: backend %s (forced)", op, requested)
         return requested, None
     order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()
     for name in order:
-        err = routing_error(name, dt)
+        err = routing_error(name, device)
         if err is None:
             log.info("%s: backend %s (auto)", op, name)
             return name, None
@@ -239,7 +246,7 @@ def _choose_routing(requested, dt: str, op: str):
 
 def select_routing(backend, device: torch.device, op: str) -> str:
     """The backend that runs token routing op `op`; ValueError when a forced backend cannot."""
-    name, err = _choose_routing(_requested(backend), device.type, op)
+    name, err = _choose_routing(_requested(backend), str(device), op)
     if err is not None:
         raise ValueError(err)
     return name

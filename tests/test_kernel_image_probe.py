@@ -68,3 +68,14 @@ def test_probe_runs_once_per_device(fake_gpu):
         _dispatch.backend_error("cuda", "cuda")
     assert _extension.cuda_device_error(1) is not None
     assert fake_gpu.calls == [0, 1]
+
+
+def test_probe_asks_about_the_inputs_device(fake_gpu):
+    """Inputs on cuda:1 while cuda:0 is current: the probe (and so the choice) is for
+    device 1, for attention and for routing alike."""
+    fake_gpu.answer = None
+    _dispatch.backend_error("cuda", "cuda:1")
+    assert fake_gpu.calls == [1]
+    assert _dispatch.select_routing(None, torch.device("cuda", 1), "gather_rows") == "cuda"
+    assert _dispatch.select_attention(None, torch.device("cuda", 1), torch.bfloat16, 64, 128, 128) == "cuda"
+    assert fake_gpu.calls == [1]  # probed once, for device 1 only
