@@ -8,9 +8,12 @@ which the compiled extension of the installed package is copied (or built in pla
 with --build); pytest is started there as ``python -m pytest``, which puts the copy
 first on sys.path, so the tests run the mutated sources.
 
-Each module gets its own test selection (MODULES), small enough that a run stays
-practical on a 2-core machine.  mutmut keeps its results in the copy's
-``.mutmut-cache``: a run stopped by --budget continues where it stopped next time.
+mutmut generates the mutants (its engine, not its runner: mutmut 2's result cache
+fails on files with repeated identical lines); this script applies each one to the
+copy, runs that module's test selection (MODULES, small enough that a run stays
+practical on a 2-core machine) and records the outcome in the copy's
+``mutation-results.json``.  Mutants are tested in a fixed random order, so a run
+stopped by --budget has sampled the whole module; the next run continues.
 
     pip install "mutmut==2.5.1"
     python scripts/mutation.py --module sampler --budget 1800   # one module, 30 min at most
@@ -105,10 +108,8 @@ def installed_package_dir() -> Path:
 
 def prepare(work: Path, build: bool) -> None:
     """The scratch copy, with the compiled extension next to the sources it mutates."""
-    if (work / ".mutmut-cache").exists():
-        keep = (work / ".mutmut-cache").read_bytes()
-    else:
-        keep = None
+    results = work / "mutation-results.json"
+    keep = results.read_bytes() if results.exists() else None
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
     for f in files:
@@ -117,7 +118,7 @@ def prepare(work: Path, build: bool) -> None:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
     if keep is not None:
-        (work / ".mutmut-cache").write_bytes(keep)
+        results.write_bytes(keep)
     if build:
         env = "ENAT_KERNELS_SKIP_CUDA=1 MAX_JOBS=2"
         if sh(f"{env} {sys.executable} setup.py build_ext --inplace", work, quiet=False):
@@ -141,14 +142,63 @@ def runner(selections: list[str]) -> str:
     return " && ".join(f"{env} {PYTEST} {sel}" for sel in selections)
 
 
-def run_module(work: Path, name: str, budget: float | None) -> None:
+def mutants(path: Path) -> list:
+    """mutmut's mutants of one file: (id, mutated source, original line, mutated line).
+
+    Mutants that only change the text of a string (mutmut's "XX" wrapping: messages,
+    log lines) are left out: they change no decision.
+    """
+    from mutmut import Context, list_mutations, mutate
+
+    source = path.read_text()
+    lines = source.splitlines()
+    out = []
+    for mid in list_mutations(Context(source=source, filename=str(path))):
+        mutated, _ = mutate(Context(source=source, mutation_id=mid, filename=str(path)))
+        new = mutated.splitlines()
+        changed = [i for i, (a, b) in enumerate(zip(lines, new)) if a != b] or [mid.line_number]
+        old_line, new_line = lines[changed[0]], new[changed[0]] if changed[0] < len(new) else ""
+        if new_line.replace("XX", "") == old_line:
+            continue
+        key = f"{mid.line_number + 1}:{mid.index}"
+        out.append((key, mutated, old_line.strip(), new_line.strip()))
+    return out
+
+
+def run_module(work: Path, name: str, budget: float | None, seed: int = 0) -> None:
+    """Test every mutant of the module (in a fixed random order, so a run stopped by the
+    budget has sampled the whole file); results go to mutation-results.json."""
+    import json
+    import random
+
     path, selections = MODULES[name]
-    cmd = (f"mutmut run --paths-to-mutate {path} --tests-dir tests --disable-mutation-types fstring "
-           f"--no-progress --simple-output --runner \"{runner(selections)}\"")
-    print(f"== {name}: {path}", flush=True)
-    rc = sh(cmd, work, timeout=budget, quiet=False)
-    if rc == 124:
-        print(f"   stopped after the {budget:.0f} s budget; the next run continues", flush=True)
+    results_file = work / "mutation-results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    done = results.setdefault(path, {})
+    target = work / path
+    source = target.read_text()
+    todo = [m for m in mutants(target) if m[0] not in done]
+    random.Random(seed).shuffle(todo)
+    cmd = runner(selections)
+    t = time.time()
+    if sh(cmd, work):
+        sys.exit(f"{name}: the tests fail without any mutation: {cmd}")
+    limit = max(60.0, 5 * (time.time() - t))
+    print(f"== {name}: {path}, {len(todo)} mutants to test ({len(done)} done), baseline {time.time() - t:.0f} s", flush=True)
+    start = time.time()
+    for key, mutated, old, new in todo:
+        if budget is not None and time.time() - start > budget:
+            print(f"   stopped after the {budget:.0f} s budget; the next run continues", flush=True)
+            break
+        target.write_text(mutated)
+        try:
+            rc = sh(cmd, work, timeout=limit)
+        finally:
+            target.write_text(source)
+        status = "timeout" if rc == 124 else "survived" if rc == 0 else "killed"
+        done[key] = {"status": status, "old": old, "new": new}
+        results_file.write_text(json.dumps(results, indent=1, sort_keys=True))
+        print(f"   {status:8s} line {key}: {new}", flush=True)
 
 
 def run_named(work: Path) -> int:
@@ -174,32 +224,19 @@ def run_named(work: Path) -> int:
 
 
 def report(work: Path) -> str:
-    """Counts per module and the survivors' diffs, from mutmut's cache."""
-    import sqlite3
+    """Counts per module and every survivor, as markdown."""
+    import json
 
-    db = sqlite3.connect(work / ".mutmut-cache")
-    rows = db.execute(
-        "SELECT SourceFile.filename, Mutant.status, Mutant.id FROM Mutant "
-        "JOIN Line ON Mutant.line = Line.id JOIN SourceFile ON Line.sourcefile = SourceFile.id").fetchall()
-    counts: dict[str, dict[str, int]] = {}
-    survivors: dict[str, list[int]] = {}
-    for fname, status, mid in rows:
-        counts.setdefault(fname, {}).setdefault(status, 0)
-        counts[fname][status] += 1
-        if status in ("bad_survived", "bad_timeout", "ok_suspicious"):
-            survivors.setdefault(fname, []).append(mid)
-    lines = ["| module | mutants | killed | survived | timeout/suspicious | untested |", "| --- | --- | --- | --- | --- | --- |"]
-    for fname, c in sorted(counts.items()):
-        total = sum(c.values())
-        lines.append(f"| {fname} | {total} | {c.get('ok_killed', 0)} | {c.get('bad_survived', 0)} | "
-                     f"{c.get('bad_timeout', 0) + c.get('ok_suspicious', 0)} | {c.get('untested', 0)} |")
-    for fname, ids in sorted(survivors.items()):
-        lines += ["", f"### Survivors in {fname}", ""]
-        for mid in ids:
-            diff = subprocess.run(["mutmut", "show", str(mid)], cwd=work, capture_output=True, text=True).stdout
-            body = [ln for ln in diff.splitlines() if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
-            lines.append(f"- {mid}: `{' / '.join(b.strip() for b in body)}`")
-    return "\n".join(lines) + "\n"
+    results = json.loads((work / "mutation-results.json").read_text())
+    lines = ["| module | mutants | tested | killed | survived | timeout |", "| --- | --- | --- | --- | --- | --- |"]
+    surv = []
+    for name, (path, _) in MODULES.items():
+        done = results.get(path, {})
+        total = len(mutants(work / path))
+        c = {k: sum(1 for v in done.values() if v["status"] == k) for k in ("killed", "survived", "timeout")}
+        lines.append(f"| {path} | {total} | {len(done)} | {c['killed']} | {c['survived']} | {c['timeout']} |")
+        surv += [f"- `{path}` line {k}: `{v['old']}` -> `{v['new']}`" for k, v in sorted(done.items()) if v["status"] != "killed"]
+    return "\n".join(lines + ["", "Survivors:", ""] + surv) + "\n"
 
 
 def main() -> int:

@@ -118,3 +118,19 @@ def test_forced_backend_is_logged_as_forced(selection_log, gen):
     q, k, v = (torch.randn(1, 4, 2, 8, generator=gen) for _ in range(3))
     ek.sc_attention(q, k, v, k, v, backend="torch")
     assert selection_log("sc_attention") == "sc_attention: backend torch (forced)"
+
+
+# ----------------------------------------------------------------------------- value-check switch
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("false", False), ("No", False), ("OFF", False),
+                                            ("1", True), ("yes", True), ("", True)])
+def test_value_checks_environment_spellings(monkeypatch, value, enabled):
+    """ENAT_KERNELS_VALUE_CHECKS: every documented spelling of off, in any case, turns them off."""
+    import threading
+
+    from enat_kernels import _validation
+
+    monkeypatch.setattr(_validation, "_state", threading.local())  # the default is read once per thread
+    monkeypatch.setenv("ENAT_KERNELS_VALUE_CHECKS", value)
+    assert _validation.value_checks_enabled() is enabled
