@@ -18,6 +18,7 @@ stopped by --budget has sampled the whole module; the next run continues.
     pip install "mutmut==2.5.1"
     python scripts/mutation.py --module sampler --budget 1800   # one module, 30 min at most
     python scripts/mutation.py                                  # every module, no limit
+    python scripts/mutation.py --retest --module sampler        # its survivors again, after new tests
     python scripts/mutation.py --named                          # the hand-written mutants only
     python scripts/mutation.py --report                         # results so far, as markdown
 
@@ -37,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PYTEST = "python -m pytest -x -q -p no:cacheprovider -W ignore"
 
 # module -> (source path, test selections: each one pytest invocation, all must pass)
 MODULES = {
@@ -54,7 +54,7 @@ MODULES = {
         "tests/test_sc_attention.py -k 'cpu and (float32 or float16) and not head_dim'"]),
     "model": ("enat/model.py", ["tests/test_enat_model.py", "tests/test_enat_backends.py -k cpu"]),
     "sampler": ("enat/sampler.py", ["tests/test_sampler_decisions.py",
-                                    "tests/test_enat_sampler.py -k 'not no_host_reads'"]),
+                                    "tests/test_enat_sampler.py -k 'schedule or visible or guidance'"]),
 }
 
 # Hand-written mutants: (name, file, original text, mutated text, test selection).
@@ -99,6 +99,54 @@ def sh(cmd: str, cwd: Path, timeout: float | None = None, quiet: bool = True) ->
         return 124
 
 
+def forked_tests(work: Path, selections: list[str], timeout: float, preload: tuple = ()) -> int:
+    """Run the selections with pytest in a child forked from this process, which has
+    imported torch and pytest once (not enat_kernels: the child imports the mutated
+    sources itself).  0 when every selection passes, 124 on timeout."""
+    import shlex
+    import signal
+
+    import importlib
+
+    import hypothesis  # noqa: F401  (imported before the fork, so each child starts warm)
+    import pytest  # noqa: F401
+    import torch  # noqa: F401
+
+    if preload:  # modules that the mutant does not touch, from the copy
+        if str(work) not in sys.path:
+            sys.path.insert(0, str(work))
+        for name in preload:
+            importlib.import_module(name)
+
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.chdir(work)
+            sys.path[:0] = [str(work), str(work / "tests")]
+            os.environ.update(HYPOTHESIS_PROFILE="ci", TRITON_INTERPRET="1")
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1), os.dup2(null, 2)
+            import pytest as pt
+
+            for sel in selections:
+                rc = pt.main(["-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *shlex.split(sel)])
+                if rc != 0:
+                    os._exit(int(rc) or 1)
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    deadline = time.time() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return 124
+        time.sleep(0.05)
+
+
 def installed_package_dir() -> Path:
     """Where the installed enat_kernels lives (imported from outside the source tree)."""
     code = "import os, enat_kernels; print(os.path.dirname(enat_kernels.__file__))"
@@ -137,11 +185,6 @@ def prepare(work: Path, build: bool) -> None:
         sys.exit("the scratch copy does not import its own enat_kernels with the compiled extension")
 
 
-def runner(selections: list[str]) -> str:
-    env = "HYPOTHESIS_PROFILE=ci TRITON_INTERPRET=1"
-    return " && ".join(f"{env} {PYTEST} {sel}" for sel in selections)
-
-
 def mutants(path: Path) -> list:
     """mutmut's mutants of one file: (id, mutated source, original line, mutated line).
 
@@ -165,7 +208,7 @@ def mutants(path: Path) -> list:
     return out
 
 
-def run_module(work: Path, name: str, budget: float | None, seed: int = 0) -> None:
+def run_module(work: Path, name: str, budget: float | None, retest: bool = False, seed: int = 0) -> None:
     """Test every mutant of the module (in a fixed random order, so a run stopped by the
     budget has sampled the whole file); results go to mutation-results.json."""
     import json
@@ -177,12 +220,18 @@ def run_module(work: Path, name: str, budget: float | None, seed: int = 0) -> No
     done = results.setdefault(path, {})
     target = work / path
     source = target.read_text()
-    todo = [m for m in mutants(target) if m[0] not in done]
+    if retest:  # the survivors again (after the tests changed)
+        todo = [m for m in mutants(target) if m[0] in done and done[m[0]]["status"] != "killed"]
+    else:
+        todo = [m for m in mutants(target) if m[0] not in done]
     random.Random(seed).shuffle(todo)
-    cmd = runner(selections)
+    # Mutating enat/: enat_kernels is loaded once, before the forks (it cannot be: it
+    # registers torch.library ops, which a process can do once).
+    preload = ("enat_kernels",) if path.startswith("enat/") else ()
     t = time.time()
-    if sh(cmd, work):
-        sys.exit(f"{name}: the tests fail without any mutation: {cmd}")
+    if forked_tests(work, selections, 3600, preload):
+        print(f"{name}: the tests fail without any mutation: {selections}", flush=True)
+        return
     limit = max(60.0, 5 * (time.time() - t))
     print(f"== {name}: {path}, {len(todo)} mutants to test ({len(done)} done), baseline {time.time() - t:.0f} s", flush=True)
     start = time.time()
@@ -192,7 +241,7 @@ def run_module(work: Path, name: str, budget: float | None, seed: int = 0) -> No
             break
         target.write_text(mutated)
         try:
-            rc = sh(cmd, work, timeout=limit)
+            rc = forked_tests(work, selections, limit, preload)
         finally:
             target.write_text(source)
         status = "timeout" if rc == 124 else "survived" if rc == 0 else "killed"
@@ -214,7 +263,7 @@ def run_named(work: Path) -> int:
         p.write_text(text.replace(old, new))
         try:
             t = time.time()
-            rc = sh(runner([sel]), work)
+            rc = forked_tests(work, [sel], 3600)
         finally:
             p.write_text(text)
         verdict = "killed" if rc not in (0, 124) else "SURVIVED"
@@ -245,9 +294,11 @@ def main() -> int:
     ap.add_argument("--budget", type=float, help="seconds per module before stopping (the next run continues)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "enat-mutation")
     ap.add_argument("--build", action="store_true", help="build the extension in the copy instead of copying it")
+    ap.add_argument("--retest", action="store_true", help="test the survivors again (after the tests changed)")
     ap.add_argument("--named", action="store_true", help="only the hand-written mutants")
     ap.add_argument("--report", action="store_true", help="only print the results so far")
     args = ap.parse_args()
+    os.nice(10)
     work = args.workdir.resolve()
     if args.report:
         print(report(work))
@@ -257,7 +308,14 @@ def main() -> int:
     if args.named:
         return 1 if run_named(work) else 0
     for name in args.module or sorted(MODULES):
-        run_module(work, name, args.budget)
+        # One process per module: what it imports before forking its test runs (see
+        # forked_tests) must not leak into the next module's runs.
+        pid = os.fork()
+        if pid == 0:
+            run_module(work, name, args.budget, args.retest)
+            sys.stdout.flush()
+            os._exit(0)
+        os.waitpid(pid, 0)
     print(report(work))
     return 0
 

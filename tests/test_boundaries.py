@@ -134,3 +134,36 @@ def test_value_checks_environment_spellings(monkeypatch, value, enabled):
     monkeypatch.setattr(_validation, "_state", threading.local())  # the default is read once per thread
     monkeypatch.setenv("ENAT_KERNELS_VALUE_CHECKS", value)
     assert _validation.value_checks_enabled() is enabled
+
+
+# ----------------------------------------------------------------------------- smallest index sets
+
+
+def test_index_zero_after_padding_is_not_ascending():
+    """merge_tokens needs -1 padding at the end of a row: a 0 after a -1 is refused."""
+    with pytest.raises(ValueError, match=re.escape("idx_b must be ascending with -1 padding at the end of each row; batch row 1 is not")):
+        ek.merge_tokens(rows(2), idx([0, 2], [1, -1]), rows(2), idx([1, 3], [-1, 0]))
+
+
+def test_a_single_index_is_checked():
+    """One index in all (a (1, 1) tensor) still gets its value checks."""
+    with pytest.raises(ValueError, match=re.escape("indices entries must lie in [0, 5) or be -1 (padding), got min 7 and max 7")):
+        ek.gather_tokens(rows(5, B=1), idx([7]))
+
+
+def test_backends_report_on_a_cpu_machine():
+    """ek.backends() names the device and the ops of each usable backend."""
+    if torch.cuda.is_available():
+        pytest.skip("the report describes a machine without CUDA here")
+    report = ek.backends()
+    assert set(report) == {"triton", "cuda", "cpu", "torch"}
+    assert report["torch"] and report["torch"].reason == "reference PyTorch math, every device"
+    assert not report["cuda"]
+    if _dispatch.backend_error("cpu", "cpu") is None:
+        assert report["cpu"].reason == "CPU: sc_attention, token routing"
+    from enat_kernels import triton as ek_triton
+
+    if ek_triton.triton_error("cpu") is None:
+        assert report["triton"].reason.startswith("CPU (Triton interpreter): ")
+    else:
+        assert not report["triton"]
