@@ -167,3 +167,35 @@ def test_backends_report_on_a_cpu_machine():
         assert report["triton"].reason.startswith("CPU (Triton interpreter): ")
     else:
         assert not report["triton"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_head_dim_one_runs(backend, gen):
+    """The smallest head_dim is accepted by the backends without a fixed list of sizes."""
+    from attention_cases import sc_attention_oracle
+
+    err = _dispatch.attention_error(backend, "cpu", torch.float32, 1)
+    if backend == "cpu" and _dispatch.backend_error("cpu", "cpu") is not None:
+        pytest.skip(_dispatch.backend_error("cpu", "cpu"))
+    assert err is None
+    q, kc, vc, ks, vs = (torch.randn(2, n, 2, 1, generator=gen) for n in (5, 4, 4, 5, 5))
+    out = ek.sc_attention(q, kc, vc, ks, vs, backend=backend)
+    want, _ = sc_attention_oracle(*(t.double() for t in (q, kc, vc, ks, vs)))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_log_backend_environment_variable(tmp_path):
+    """ENAT_KERNELS_LOG_BACKEND=1 (read at import) prints each call's backend on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, enat_kernels as ek; q = torch.randn(1, 3, 1, 8); "
+            "ek.sc_attention(q, q, q, q, q, backend='torch')")
+    # The same enat_kernels as this process (the installed one, or a copy under test).
+    here = os.path.dirname(os.path.dirname(ek.__file__))
+    env = {**os.environ, "ENAT_KERNELS_LOG_BACKEND": "1", "PYTHONPATH": here}
+    env.pop("ENAT_KERNELS_BACKEND", None)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "enat_kernels: sc_attention: backend torch (forced)" in run.stderr.splitlines()
