@@ -199,3 +199,29 @@ def test_log_backend_environment_variable(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "enat_kernels: sc_attention: backend torch (forced)" in run.stderr.splitlines()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_the_chosen_routing_backend_is_the_one_that_runs(backend, gen):
+    """backend="cpu" runs the registered kernel, backend="torch" the reference (no op
+    call): the profiler shows which (the values are the same either way)."""
+    if backend == "cpu" and _dispatch.backend_error("cpu", "cpu") is not None:
+        pytest.skip(_dispatch.backend_error("cpu", "cpu"))
+    x = torch.randn(2, 6, 3, generator=gen)
+    i = idx([0, 4], [5, -1])
+    with torch.autograd.profiler.profile() as prof:
+        ek.gather_tokens(x, i, backend=backend)
+    ran = any(e.name == "enat_kernels::gather_rows" for e in prof.function_events)
+    assert ran == (backend == "cpu"), sorted({e.name for e in prof.function_events})
+
+
+def test_triton_head_dims_are_those_documented():
+    """docs/KERNEL_CONTRACT.md: the Triton kernels take head_dim 16, 32, 64 and 128 only
+    (the suites skip a size a backend refuses, so the list is checked here)."""
+    from enat_kernels import triton as ek_triton
+
+    err = ek_triton.triton_error("cpu")
+    if err is not None:
+        pytest.skip(err)
+    ok = [D for D in range(1, 257) if _dispatch.attention_error("triton", "cpu", torch.float32, D) is None]
+    assert ok == [16, 32, 64, 128]
