@@ -202,22 +202,24 @@ def test_log_backend_environment_variable(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_the_chosen_routing_backend_is_the_one_that_runs(backend, gen):
-    """backend="cpu" runs the registered kernel, backend="torch" the reference (no op
+def test_the_chosen_backend_is_the_one_that_runs(backend, gen):
+    """backend="cpu" runs the registered kernels, backend="torch" the reference (no op
     call): the profiler shows which (the values are the same either way)."""
     if backend == "cpu" and _dispatch.backend_error("cpu", "cpu") is not None:
         pytest.skip(_dispatch.backend_error("cpu", "cpu"))
     x = torch.randn(2, 6, 3, generator=gen)
-    i = idx([0, 4], [5, -1])
+    q = torch.randn(2, 4, 2, 8, generator=gen)
     with torch.autograd.profiler.profile() as prof:
-        ek.gather_tokens(x, i, backend=backend)
-    ran = any(e.name == "enat_kernels::gather_rows" for e in prof.function_events)
-    assert ran == (backend == "cpu"), sorted({e.name for e in prof.function_events})
+        ek.gather_tokens(x, idx([0, 4], [5, -1]), backend=backend)
+        ek.sc_attention(q, q, q, q, q, backend=backend)
+    ran = {e.name for e in prof.function_events}
+    for op in ("enat_kernels::gather_rows", "enat_kernels::sc_attn_fwd"):
+        assert (op in ran) == (backend == "cpu"), (op, sorted(ran))
 
 
 def test_triton_head_dims_are_those_documented():
-    """docs/KERNEL_CONTRACT.md: the Triton kernels take head_dim 16, 32, 64 and 128 only
-    (the suites skip a size a backend refuses, so the list is checked here)."""
+    """The Triton kernels are written for head_dim 16, 32, 64 and 128 (ATTENTION_CAPS);
+    the suites skip a size a backend refuses, so the list itself is checked here."""
     from enat_kernels import triton as ek_triton
 
     err = ek_triton.triton_error("cpu")
