@@ -47,6 +47,7 @@ MODULES = {
         "tests/test_routing.py -k 'torch or cpu' tests/test_boundaries.py tests/test_errors.py"]),
     "reference": ("enat_kernels/reference.py", [
         "tests/test_reference.py -k 'not gradcheck or ragged'",
+        "tests/test_errors.py -k unchecked",
         "tests/test_sc_attention.py -k 'torch and (float32 or float16) and not head_dim'",
         "tests/test_routing.py -k torch"]),
     "attention": ("enat_kernels/attention.py", [
