@@ -9,6 +9,7 @@ NaN so that a kernel reading them as data fails.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,3 +102,39 @@ def make_varlen_inputs(q_lens, c_lens, H, D, dtype, device, gen):
 
     return (rnd(Tq, H, D), rnd(Tc, H, D), rnd(Tc, H, D), rnd(Tq, H, D), rnd(Tq, H, D),
             cu(q_lens), cu(c_lens), max(q_lens), max(c_lens))
+
+
+# ----------------------------------------------------------------------------- independent oracle
+
+
+def sc_attention_oracle(q, k_cond, v_cond, k_self, v_self, cond_lens=None, self_lens=None, scale=None):
+    """SC-Attention written independently of enat_kernels.reference: one row at a time,
+    keys and values concatenated, einsum and softmax in the inputs' dtype (run it on
+    float64 inputs for the oracle), differentiable.  Padded query rows: zeros, lse -inf.
+    Returns out in q's dtype and lse (B, H, N) in float32 (float64 for float64 inputs)."""
+    B, N, H, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    outs, lses = [], []
+    for b in range(B):
+        lc = k_cond.shape[1] if cond_lens is None else int(cond_lens[b])
+        ls = N if self_lens is None else int(self_lens[b])
+        k = torch.cat([k_cond[b, :lc], k_self[b, :ls]])  # (keys, H, D)
+        v = torch.cat([v_cond[b, :lc], v_self[b, :ls]])
+        s = torch.einsum("ihd,jhd->hij", q[b, :ls], k).to(acc) * scale
+        o = torch.einsum("hij,jhd->ihd", torch.softmax(s, dim=-1).to(q.dtype), v)
+        outs.append(torch.cat([o, q.new_zeros(N - ls, H, D)]))
+        lses.append(torch.cat([torch.logsumexp(s, dim=-1), torch.full((H, N - ls), -math.inf, dtype=acc)], dim=1))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def sc_attention_varlen_oracle(q, k_cond, v_cond, k_self, v_self, cu_q, cu_c, scale=None):
+    """The packed form through the dense oracle, one sequence at a time."""
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs, qe, cs, ce = int(cu_q[b]), int(cu_q[b + 1]), int(cu_c[b]), int(cu_c[b + 1])
+        o, l = sc_attention_oracle(q[None, qs:qe], k_cond[None, cs:ce], v_cond[None, cs:ce], k_self[None, qs:qe],
+                                   v_self[None, qs:qe], scale=scale)
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)

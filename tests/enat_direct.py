@@ -35,9 +35,14 @@ def silu(x):
 
 
 class DirectENAT:
-    def __init__(self, state_dict, depth_enc, depth_dec, heads, codebook_size):
+    """attn_scale (head_dim -> scale) and chunk_order (a permutation of the 8 adaLN
+    chunks) exist so the guard tests can build a deliberately wrong variant."""
+
+    def __init__(self, state_dict, depth_enc, depth_dec, heads, codebook_size, *, attn_scale=None, chunk_order=None):
         self.p = {k: v.detach() for k, v in state_dict.items()}
         self.ne, self.nd, self.H, self.V = depth_enc, depth_dec, heads, codebook_size
+        self.attn_scale = attn_scale or (lambda D: D**-0.5)
+        self.chunk_order = tuple(range(8)) if chunk_order is None else tuple(chunk_order)
 
     def lin(self, x, name):
         return x @ self.p[name + ".weight"].T + self.p[name + ".bias"]
@@ -49,6 +54,7 @@ class DirectENAT:
         p, B, C, H = f"blocks.{i}.", x.shape[0], x.shape[2], self.H
         D = C // H
         chunks = self.lin(silu(c), p + "adaLN_modulation.1").chunk(8, dim=1)
+        chunks = [chunks[j] for j in self.chunk_order]
         shift_msa, scale_msa, shift_msa_, scale_msa_, gate_msa, shift_mlp, scale_mlp, gate_mlp = (t[:, None] for t in chunks)
         a = layer_norm(x) * (1 + scale_msa) + shift_msa
         q = self.lin(a, p + "attn.q").reshape(B, -1, H, D)
@@ -57,7 +63,7 @@ class DirectENAT:
             b = layer_norm(cond) * (1 + scale_msa_) + shift_msa_
             kv = torch.cat([self.lin(b, p + "attn.kv.A").reshape(B, -1, 2, H, D), kv], dim=1)
         k, v = kv[:, :, 0], kv[:, :, 1]
-        s = torch.einsum("bihd,bjhd->bhij", q, k) * D**-0.5
+        s = torch.einsum("bihd,bjhd->bhij", q, k) * self.attn_scale(D)
         o = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, dim=-1), v).reshape(B, -1, C)
         x = x + gate_msa * self.lin(o, p + "attn.proj")
         h = layer_norm(x) * (1 + scale_mlp) + shift_mlp

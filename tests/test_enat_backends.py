@@ -20,15 +20,14 @@ import enat.backends as enat_backends
 from enat import ENAT, sample
 from enat_kernels import _dispatch
 
+from enat_models import responsive_model
 from tolerances import assert_within_pytorch_error
 
 CONFIGS = {"cpu": "e2d1-c64h2-l64", "triton": "e2d1-c32h2-l16-v64-k10"}
 
 
 def build(cfg, backend, seed=3):
-    m = ENAT(cfg, backend=backend).eval()
-    m.reset_parameters(torch.Generator().manual_seed(seed))
-    return m
+    return responsive_model(cfg, seed=seed, backend=backend)
 
 
 def kernels_here(backend, head_dim):

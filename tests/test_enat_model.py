@@ -2,6 +2,9 @@
 
 Inputs are the token maps of a real sampling trajectory; each step is checked without
 reuse and with reuse (chained through `prev`), in float32, max abs difference < 1e-4.
+The model's label embeddings and adaLN parameters are of order one
+(tests/enat_models.py), so labels, gates and the attention matter; guard tests below
+check that a deliberately wrong direct model misses by a wide margin.
 """
 
 import pytest
@@ -11,15 +14,14 @@ import enat
 from enat import ENAT, TokenCounts, sample
 
 from enat_direct import DirectENAT
+from enat_models import responsive_model
 
 CFG = "e2d1-c64h2-l64"
 TOL = 1e-4
 
 
 def build(cfg=CFG, backend="torch", seed=1):
-    model = ENAT(cfg, backend=backend).eval()
-    model.reset_parameters(torch.Generator().manual_seed(seed))
-    return model
+    return responsive_model(cfg, seed=seed, backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,41 @@ def test_matches_direct_with_reuse(model, direct, trajectory):
             logits, feat, _ = ref = direct(ids, labels, prev=None if ref is None else (ref[1], ref[2]))
             assert max_diff(out.feat, feat) < TOL, f"step {s}: feat"
             assert max_diff(out.logits, logits) < TOL, f"step {s}: logits"
+
+
+def test_label_changes_the_logits_clearly(model, trajectory):
+    """Conditional and null-label logits differ by a sizeable part of the logits' spread."""
+    labels, inputs = trajectory
+    null = torch.full_like(labels, model.config.null_label)
+    with torch.no_grad():
+        for ids in inputs[:3]:
+            cond, uncond = model(ids, labels).logits, model(ids, null).logits
+            rows = labels != model.config.null_label
+            gap = (cond[rows] - uncond[rows]).abs().mean()
+            assert gap > 0.3 * cond.std(), f"mean |cond - uncond| {gap:.3f}, logits std {cond.std():.3f}"
+            assert torch.equal(cond[~rows], uncond[~rows])
+
+
+# Deliberately wrong direct models: each must miss by far more than TOL.
+WRONG = {
+    "attention scale 1/D": dict(attn_scale=lambda D: 1.0 / D),
+    "attention scale D^-0.5 / 2": dict(attn_scale=lambda D: 0.5 * D**-0.5),
+    "shift and scale swapped": dict(chunk_order=(1, 0, 3, 2, 4, 6, 5, 7)),
+    "cond shift and scale swapped": dict(chunk_order=(0, 1, 3, 2, 4, 5, 6, 7)),
+    "gates swapped": dict(chunk_order=(0, 1, 2, 3, 7, 5, 6, 4)),
+}
+
+
+@pytest.mark.parametrize("wrong", list(WRONG))
+def test_a_wrong_model_misses_by_far(model, trajectory, wrong):
+    labels, inputs = trajectory
+    c = model.config
+    bad = DirectENAT(model.state_dict(), c.depth_enc, c.depth_dec, c.heads, c.codebook_size, **WRONG[wrong])
+    worst = 0.0
+    with torch.no_grad():
+        for ids in inputs[1:4]:
+            worst = max(worst, max_diff(model(ids, labels).logits, bad(ids, labels)[0]))
+    assert worst > 1000 * TOL, f"{wrong}: logits differ by only {worst:.2e} (tolerance {TOL})"
 
 
 def test_reuse_changes_the_result(model, trajectory):

@@ -15,6 +15,8 @@ import enat_kernels as ek
 from enat import ENAT, sample
 from enat.sampler import SamplingPlan, _Sampler
 
+from enat_models import responsive_model
+
 CFG = "e2d1-c64h2-l64"
 # The reference formulas and the fused path (kernels + fewer-pass sampler math).
 BACKENDS = ["torch", "cpu"]
@@ -22,9 +24,7 @@ BACKENDS = ["torch", "cpu"]
 
 @pytest.fixture(scope="module")
 def model():
-    m = ENAT(CFG, backend="torch").eval()
-    m.reset_parameters(torch.Generator().manual_seed(7))
-    return m
+    return responsive_model(CFG, seed=7)
 
 
 def record(model, labels, **kw):
@@ -83,14 +83,21 @@ def test_batched_guidance_equals_two_passes(model, backend):
     one = sample(model, labels, generator=torch.Generator().manual_seed(3), batch_guidance=True, **kw)
     two = sample(model, labels, generator=torch.Generator().manual_seed(3), batch_guidance=False, **kw)
     assert torch.equal(one, two)
+    # Guidance is active in both (its formula is checked in test_sampler_decisions.py).
+    unguided = sample(model, labels, generator=torch.Generator().manual_seed(3), **{**kw, "cfg": 0.0})
+    assert (one[:2] != unguided[:2]).float().mean() > 0.3
+    assert torch.equal(one[2], unguided[2])  # the null-label row: cond = uncond
 
 
 def test_guidance_matters(model):
-    """cfg changes the tokens (else the guidance tests above could pass with guidance ignored)."""
-    labels = torch.tensor([10, 20, 30])
+    """cfg changes most tokens of every conditional row (else the guidance tests above
+    could pass with guidance ignored), and none of an unconditional one."""
+    labels = torch.tensor([10, 20, 30, 1000])
     a = sample(model, labels, steps=6, cfg=0.0, generator=torch.Generator().manual_seed(3))
     b = sample(model, labels, steps=6, cfg=4.0, generator=torch.Generator().manual_seed(3))
-    assert (a != b).any()
+    changed = (a != b).flatten(1).float().mean(1)
+    assert (changed[:3] > 0.3).all(), changed.tolist()
+    assert changed[3] == 0
 
 
 def test_head_on_masked_tokens_equals_head_on_all(model):

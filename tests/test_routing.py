@@ -1,4 +1,7 @@
-"""Token routing: every backend against the reference, exactly (routing only moves bytes).
+"""Token routing: every backend against loop oracles, exactly (routing only moves bytes).
+
+The oracles (indices_loop, gather_loop, scatter_loop) are element-by-element loops,
+independent of enat_kernels.reference, which is itself the torch backend.
 
 One suite for all backends (cpu, triton, cuda, torch): a backend that cannot run on
 this machine skips with the reason it gives.  Inputs are fresh random tensors (never
@@ -104,6 +107,41 @@ def two_disjoint_sets(B: int, L: int, na, nb, gen):
     return idx_a, idx_b, mask_a, mask_b
 
 
+# ----------------------------------------------------------------------------- loop oracles
+# Written independently of enat_kernels.reference (which is also the torch backend):
+# element by element, on the host.
+
+
+def indices_loop(mask: torch.Tensor, count: int):
+    """True positions of each row, ascending, -1 padded to `count`; and the counts (int32)."""
+    rows = [[j for j, m in enumerate(row) if m] for row in mask.tolist()]
+    idx = torch.tensor([r + [-1] * (count - len(r)) for r in rows], dtype=torch.int64).reshape(len(rows), count)
+    return idx, torch.tensor([len(r) for r in rows], dtype=torch.int32)
+
+
+def gather_loop(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """out[b, i] = x[b, idx[b, i]]; zeros where idx is -1.  Differentiable."""
+    out = torch.zeros((x.shape[0], idx.shape[1]) + tuple(x.shape[2:]), dtype=x.dtype)
+    for b, row in enumerate(idx.tolist()):
+        for i, j in enumerate(row):
+            if j >= 0:
+                out[b, i] = x[b, j]
+    return out
+
+
+def scatter_loop(a, idx_a, b, idx_b, seq_len: int) -> torch.Tensor:
+    """Rows of a (and b) written at their indices of a zero sequence.  Differentiable."""
+    out = torch.zeros((a.shape[0], seq_len) + tuple(a.shape[2:]), dtype=a.dtype)
+    for src, idx in ((a, idx_a), (b, idx_b)):
+        if src is None:
+            continue
+        for r, row in enumerate(idx.tolist()):
+            for i, j in enumerate(row):
+                if j >= 0:
+                    out[r, j] = src[r, i]
+    return out
+
+
 def assert_same(got: torch.Tensor, ref: torch.Tensor, what: str = "output") -> None:
     """Routing moves bytes: results equal the reference exactly (dtype, shape, values)."""
     assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype}, expected {ref.dtype}"
@@ -124,7 +162,7 @@ def test_mask_to_indices(backend, case, gen, poison):
     dev = skip_unless_runs(backend)
     mask = random_mask(case.L, case.counts, gen)
     idx, lens = ek.mask_to_indices(mask.to(dev), case.count, backend=backend)
-    ref_idx, ref_lens = mask_to_indices_ref(mask, case.count)
+    ref_idx, ref_lens = indices_loop(mask, case.count)
     assert_same(idx, ref_idx, "indices")
     assert_same(lens, ref_lens, "lens")
     assert lens.tolist() == list(case.counts)
@@ -136,7 +174,7 @@ def test_mask_to_indices_non_contiguous_mask(backend, gen, poison):
     mask = random_mask(20, (7, 3, 12), gen)
     view = mask.to(dev).t().contiguous().t()  # same values, column-major
     idx, lens = ek.mask_to_indices(view, 12, backend=backend)
-    ref_idx, ref_lens = mask_to_indices_ref(mask, 12)
+    ref_idx, ref_lens = indices_loop(mask, 12)
     assert_same(idx, ref_idx, "indices")
     assert_same(lens, ref_lens, "lens")
 
@@ -151,7 +189,7 @@ def test_gather_tokens(backend, dtype, C, gen, poison):
     idx, _ = mask_to_indices_ref(random_mask(L, (0, 29, 5, 13), gen), 16)
     idx = shuffled_rows(idx, gen)
     out = ek.gather_tokens(x.to(dev), idx.to(dev), backend=backend)
-    assert_same(out, gather_rows_ref(x, idx))
+    assert_same(out, gather_loop(x, idx))
 
 
 @pytest.mark.parametrize("C", ROW_SIZES)
@@ -166,7 +204,7 @@ def test_restore_tokens(backend, dtype, C, gen, poison):
     a = random_tokens((B, idx_a.shape[1], C), dtype, gen)
     b = random_tokens((B, idx_b.shape[1], C), dtype, gen)
     out = ek.restore_tokens(a.to(dev), idx_a.to(dev), b.to(dev), idx_b.to(dev), L, backend=backend)
-    assert_same(out, scatter_rows_ref(a, idx_a, b, idx_b, L))
+    assert_same(out, scatter_loop(a, idx_a, b, idx_b, L))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
@@ -178,7 +216,7 @@ def test_scatter_tokens(backend, dtype, gen, poison):
     idx = shuffled_rows(idx, gen)
     src = random_tokens((B, L, C), dtype, gen)
     out = ek.scatter_tokens(src.to(dev), idx.to(dev), L + 3, backend=backend)
-    assert_same(out, scatter_rows_ref(src, idx, None, None, L + 3))
+    assert_same(out, scatter_loop(src, idx, None, None, L + 3))
 
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)
@@ -263,9 +301,9 @@ def test_merge_equals_gathering_the_union(backend, dtype, gen, poison):
     a, b = gather_rows_ref(x, idx_a), gather_rows_ref(x, idx_b)
     merged, pos = ek.merge_tokens(a.to(dev), idx_a.to(dev), b.to(dev), idx_b.to(dev), backend=backend)
     n = idx_a.shape[1] + idx_b.shape[1]
-    union, _ = mask_to_indices_ref(mask_a | mask_b, n)
+    union, _ = indices_loop(mask_a | mask_b, n)
     assert_same(pos, union, "positions")
-    assert_same(merged, gather_rows_ref(x, union), "merged tokens")
+    assert_same(merged, gather_loop(x, union), "merged tokens")
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -300,14 +338,14 @@ def test_gradients(backend, dtype, gen, poison):
     g_gather = random_tokens((B, idx_a.shape[1], C), dtype, gen)
     g_seq = random_tokens((B, L, C), dtype, gen)
 
-    _check_grads(lambda x: ek.gather_tokens(x, ia, backend=backend), lambda x: gather_rows_ref(x, sa), [x], g_gather, dev)
+    _check_grads(lambda x: ek.gather_tokens(x, ia, backend=backend), lambda x: gather_loop(x, sa), [x], g_gather, dev)
     _check_grads(
         lambda a: ek.scatter_tokens(a, ia, L, backend=backend),
-        lambda a: scatter_rows_ref(a, sa, None, None, L), [a], g_seq, dev,
+        lambda a: scatter_loop(a, sa, None, None, L), [a], g_seq, dev,
     )
     _check_grads(
         lambda a, b: ek.restore_tokens(a, ia, b, ib, L, backend=backend),
-        lambda a, b: scatter_rows_ref(a, sa, b, sb, L), [a, b], g_seq, dev,
+        lambda a, b: scatter_loop(a, sa, b, sb, L), [a, b], g_seq, dev,
     )
     # merge: ascending index sets; reference = scatter into merged order by rank.
     rank_a, rank_b = merge_ranks_ref(idx_a, idx_b)

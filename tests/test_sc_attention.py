@@ -1,5 +1,11 @@
 """SC-Attention: every backend against the float64 oracle, forward and backward.
 
+The oracle (attention_cases.sc_attention_oracle) is written independently of
+enat_kernels.reference, which is also the ``torch`` backend: row by row over the
+concatenated keys.  The error budget is the error of plain PyTorch in the same dtype:
+enat_kernels.reference for the fused backends, the independent formula for the
+``torch`` backend (whose result is enat_kernels.reference itself).
+
 One suite for all backends (torch, cpu, triton, cuda): a backend that cannot run on
 this machine, or does not support a dtype / head_dim, skips with the reason it gives.
 Outputs are allocated poisoned (NaN) and padding rows of the inputs hold NaN.
@@ -12,7 +18,14 @@ import enat_kernels as ek
 from enat_kernels import _dispatch
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
-from attention_cases import CASES, VARLEN_CASES, make_inputs, make_varlen_inputs
+from attention_cases import (
+    CASES,
+    VARLEN_CASES,
+    make_inputs,
+    make_varlen_inputs,
+    sc_attention_oracle,
+    sc_attention_varlen_oracle,
+)
 from conftest import HAS_CUDA
 from tolerances import assert_within_pytorch_error
 
@@ -48,6 +61,13 @@ def _forward_backward(fn, inputs, dout, dlse):
     return [out.detach(), lse.detach()] + [g.detach() for g in grads]
 
 
+def _lowp_and_oracle(backend, ref, independent, inputs, dout, dlse):
+    """The error budget's low-precision run and the float64 oracle's results."""
+    lowp = _forward_backward(independent if backend == "torch" else ref, inputs, dout, dlse)
+    oracle = _forward_backward(independent, [t.double() for t in inputs], dout.double(), None if dlse is None else dlse.double())
+    return lowp, oracle
+
+
 def _compare(results, lowp, oracle, dtype, names=NAMES):
     for name, got, lp, ref in zip(names, results, lowp, oracle):
         assert got.dtype == lp.dtype or name == "lse", f"{name}: dtype {got.dtype}, expected {lp.dtype}"
@@ -68,10 +88,12 @@ def check_dense_against_oracle(backend, case, dtype, dev, gen):
     def ref(*x):
         return sc_attention_ref(*x, cond_lens=cl, self_lens=sl, scale=case.scale)
 
+    def independent(*x):
+        return sc_attention_oracle(*x, cond_lens=cl, self_lens=sl, scale=case.scale)
+
     inputs = (q, kc, vc, ks, vs)
     got = _forward_backward(fused, inputs, dout, dlse)
-    lowp = _forward_backward(ref, inputs, dout, dlse)
-    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double())
+    lowp, oracle = _lowp_and_oracle(backend, ref, independent, inputs, dout, dlse)
     assert got[0].is_contiguous() and got[0].shape == q.shape
     assert got[1].shape == (B, H, N)
     _compare(got, lowp, oracle, dtype)
@@ -101,10 +123,12 @@ def test_dense_output_only_gradient(backend, case, gen, poison):
     def ref(*x):
         return sc_attention_ref(*x, cond_lens=cl, self_lens=sl)
 
+    def independent(*x):
+        return sc_attention_oracle(*x, cond_lens=cl, self_lens=sl)
+
     inputs = (q, kc, vc, ks, vs)
     got = _forward_backward(fused, inputs, dout, None)
-    lowp = _forward_backward(ref, inputs, dout, None)
-    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), None)
+    lowp, oracle = _lowp_and_oracle(backend, ref, independent, inputs, dout, None)
     _compare(got, lowp, oracle, dtype)
 
 
@@ -126,10 +150,12 @@ def test_varlen(backend, dtype, case, gen, poison):
     def ref(*x):
         return sc_attention_varlen_ref(*x, cu_q, cu_c, mq, mc)
 
+    def independent(*x):
+        return sc_attention_varlen_oracle(*x, cu_q, cu_c)
+
     inputs = (q, kc, vc, ks, vs)
     got = _forward_backward(fused, inputs, dout, dlse)
-    lowp = _forward_backward(ref, inputs, dout, dlse)
-    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double())
+    lowp, oracle = _lowp_and_oracle(backend, ref, independent, inputs, dout, dlse)
     assert got[1].shape == (H, q.shape[0])
     _compare(got, lowp, oracle, dtype)
 
