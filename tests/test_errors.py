@@ -406,11 +406,14 @@ def test_unchecked_cu_seqlens_stay_in_bounds(backend, gen):
         torch.testing.assert_close(lse[:, qs:qe], ref_lse[0], atol=2e-5, rtol=2e-5)
 
 
+# Known gap (docs/KERNEL_CONTRACT.md): the Triton and CUDA kernels fill only the rows
+# before cu[0] and from cu[batch] on, not rows that unchecked offsets leave between
+# sequences.  Strict: the test reports when that is fixed.
 UNOWNED_ROWS_UNWRITTEN = pytest.mark.xfail(
-    strict=True, reason="known bug: this kernel leaves packed rows that belong to no sequence unwritten")
+    strict=True, reason="known gap: this kernel leaves rows between sequences (unchecked offsets) unwritten")
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=UNOWNED_ROWS_UNWRITTEN) if b in ("cpu", "triton") else b
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=UNOWNED_ROWS_UNWRITTEN) if b in ("triton", "cuda") else b
                                      for b in ek.BACKENDS])
 def test_unchecked_cu_seqlens_rows_of_no_sequence_are_written(backend, gen, poison):
     """With value checks off, packed query rows that no sequence owns (here rows 4 and 5:

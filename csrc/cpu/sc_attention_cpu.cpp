@@ -15,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/sc_attention_cpu.h"
 
@@ -167,15 +168,29 @@ Problem describe(const at::Tensor& q, const at::Tensor& k_cond, const at::Tensor
   return p;
 }
 
-// Packed form: the rows no sequence owns, before cu[0] and from cu[batch] on (offsets
-// clamped to the tensor), get `value` (0 in outputs and gradients, -inf in lse); the
-// kernels write only owned rows.  row_dim: the dimension of x that indexes packed rows.
-void fill_unowned_rows(const int32_t* cu, int64_t batch, at::Tensor& x, int64_t row_dim, double value) {
+// Packed form: every row no sequence owns gets `value` (0 in outputs and gradients,
+// -inf in lse); the kernels write only owned rows.  Ownership is the kernels' own
+// (extent_of): rows before cu[0] and from cu[batch] on, and, with unchecked offsets,
+// gaps between sequences and rows past max_seqlen.  cond: x holds cond-segment rows
+// (dk_cond, dv_cond), else query rows.  row_dim: the dimension of x that indexes rows.
+void fill_unowned_rows(const Problem& p, bool cond, at::Tensor& x, int64_t row_dim, double value) {
   const int64_t total = x.size(row_dim);
-  const int64_t lo = std::clamp<int64_t>(cu[0], 0, total);
-  const int64_t hi = std::max(std::clamp<int64_t>(cu[batch], 0, total), lo);
-  if (lo > 0) x.narrow(row_dim, 0, lo).fill_(value);
-  if (hi < total) x.narrow(row_dim, hi, total - hi).fill_(value);
+  std::vector<uint8_t> owned(static_cast<size_t>(total), 0);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const cpu_attn::Extent e = cpu_attn::extent_of(p, b);
+    const int64_t start = cond ? e.c_start : e.q_start, n = cond ? e.c_owned : e.q_owned;
+    std::fill(owned.begin() + start, owned.begin() + start + n, uint8_t{1});
+  }
+  for (int64_t r = 0; r < total;) {
+    if (owned[r]) {
+      ++r;
+      continue;
+    }
+    int64_t end = r;
+    while (end < total && !owned[end]) ++end;
+    x.narrow(row_dim, r, end - r).fill_(value);
+    r = end;
+  }
 }
 
 at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -200,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor> sc_attn_fwd_cpu(const at::Tensor& q, const at
   p.lse = lse_view(lse);
   if (out.numel() > 0) run_forward(p);
   if (q.dim() == 3) {
-    fill_unowned_rows(p.cu_q, p.batch, out, 0, 0.0);
-    fill_unowned_rows(p.cu_q, p.batch, lse, 1, -std::numeric_limits<double>::infinity());
+    fill_unowned_rows(p, false, out, 0, 0.0);
+    fill_unowned_rows(p, false, lse, 1, -std::numeric_limits<double>::infinity());
   }
   return {out, lse};
 }
@@ -245,8 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_attn_b
   p.dv_self = rows_view(dv_self);
   if (p.batch > 0 && p.heads > 0 && p.head_dim > 0) run_backward(p);
   if (q.dim() == 3) {
-    for (at::Tensor* g : {&dq, &dk_self, &dv_self}) fill_unowned_rows(p.cu_q, p.batch, *g, 0, 0.0);
-    for (at::Tensor* g : {&dk_cond, &dv_cond}) fill_unowned_rows(p.cu_cond, p.batch, *g, 0, 0.0);
+    for (at::Tensor* g : {&dq, &dk_self, &dv_self}) fill_unowned_rows(p, false, *g, 0, 0.0);
+    for (at::Tensor* g : {&dk_cond, &dv_cond}) fill_unowned_rows(p, true, *g, 0, 0.0);
   }
   return {dq, dk_cond, dv_cond, dk_self, dv_self};
 }

@@ -201,31 +201,6 @@ inline Rows<T> lse_of(const LseView& v, int64_t b, int64_t h, int64_t first_row)
   return {static_cast<T*>(v.data) + b * v.batch + h * v.head + first_row * v.row, v.row};
 }
 
-// Where sequence b's rows are, with lengths clamped so that no value of the length
-// tensors can lead outside the inputs.
-struct Extent {
-  int64_t q_start, q_len, q_owned;  // queries (= self keys): rows [q_start, q_start + q_owned), first q_len valid
-  int64_t c_start, c_len, c_owned;  // cond keys
-};
-
-inline Extent extent_of(const Problem& p, int64_t b) {
-  auto clamp = [](int64_t x, int64_t lo, int64_t hi) { return std::min(std::max(x, lo), hi); };
-  Extent e{};
-  if (p.cu_q != nullptr) {
-    e.q_start = clamp(p.cu_q[b], 0, p.q_rows);
-    e.q_owned = e.q_len = std::min(clamp(p.cu_q[b + 1], e.q_start, p.q_rows) - e.q_start, p.max_q);
-    e.c_start = clamp(p.cu_cond[b], 0, p.cond_rows);
-    e.c_owned = e.c_len = std::min(clamp(p.cu_cond[b + 1], e.c_start, p.cond_rows) - e.c_start, p.max_cond);
-  } else {
-    e.q_start = e.c_start = 0;
-    e.q_owned = p.q_rows;
-    e.c_owned = p.cond_rows;
-    e.q_len = p.self_lens ? clamp(p.self_lens[b], 0, p.q_rows) : p.q_rows;
-    e.c_len = p.cond_lens ? clamp(p.cond_lens[b], 0, p.cond_rows) : p.cond_rows;
-  }
-  return e;
-}
-
 // Software prefetch, paced.  The rows of one head in a (B, N, H, D) tensor are
 // H * D elements apart (often a page), a pattern the hardware prefetchers do not
 // follow, so every packed tile would wait on memory.  Rows needed soon (the next key
