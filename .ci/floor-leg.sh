@@ -46,6 +46,7 @@ echo "   floor install done at $((SECONDS - start)) s"
 
 echo "== floor: import, build and backends() under the floor torch"
 (cd /tmp && python - <<'PY'
+import os
 import torch, triton, numpy
 import enat_kernels as ek
 from enat_kernels import _extension
@@ -60,6 +61,8 @@ if info["CUDA_BUILT"]:
     assert _extension.cuda_extension_error() is None, _extension.cuda_extension_error()
     assert _extension.has_kernel("sc_attn_fwd", "CUDA")
 else:
+    nvcc = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    assert not os.path.exists(nvcc), ("CUDA toolkit present but the CUDA extension was not built", info)
     print("CUDA extension not built here:", info["CUDA_SKIP_REASON"])
 PY
 )

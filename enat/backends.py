@@ -68,11 +68,16 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, head_
 
 
 def fused_backend_for(device: torch.device) -> str:
-    """The fused backend a device would use: 'cpu' on CPUs, the GPU backend enat_kernels prefers on GPUs."""
-    if device.type == "cpu":
-        return "cpu"
-    if device.type == "cuda":
-        for name in ("triton", "cuda"):
-            if _dispatch.backend_error(name, "cuda") is None:
-                return name
+    """The fused backend a device would use: 'cpu' on CPUs, the GPU backend enat_kernels
+    prefers on GPUs; 'torch', with a warning saying why, when none runs here (say, the
+    compiled extension could not be loaded)."""
+    names = ("cpu",) if device.type == "cpu" else ("triton", "cuda") if device.type == "cuda" else ()
+    reasons = []
+    for name in names:
+        err = _dispatch.backend_error(name, device)
+        if err is None:
+            return name
+        reasons.append(f"{name}: {err}")
+    if reasons:
+        _warn_once(f"enat: no fused backend runs on {device} here ({'; '.join(reasons)}); using the torch reference")
     return "torch"

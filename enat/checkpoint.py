@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 
@@ -62,7 +63,7 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         hint = ""
         cfg = getattr(model, "config", None)
         try:
-            guess = infer_config(state, heads=getattr(cfg, "heads", None), depth_dec=getattr(cfg, "depth_dec", None))
+            guess = infer_config(state, heads=getattr(cfg, "heads", None), depth_dec=getattr(cfg, "depth_dec", None), quiet=True)
             if cfg is not None and guess != cfg:
                 hint = f"; the checkpoint looks like configuration {guess.name}, the model is {cfg.name}"
         except CheckpointError:
@@ -89,11 +90,14 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> None:
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.fspath(path))
 
 
-def infer_config(state: dict[str, torch.Tensor], *, heads: int | None = None, depth_dec: int | None = None) -> ENATConfig:
+def infer_config(state: dict[str, torch.Tensor], *, heads: int | None = None, depth_dec: int | None = None,
+                 quiet: bool = False) -> ENATConfig:
     """The configuration a state dict was made with, from its tensor shapes.
 
     The head count is not visible in the shapes: default width // 64 (ENAT-L: 16).
     The encoder/decoder split is not either: default 2 decoder blocks (ENAT-L: 22 + 2).
+    Unless quiet, a warning names what was assumed: a checkpoint made otherwise would
+    load without error and compute something else.
     """
     def shape(key: str, what: str) -> tuple[int, ...]:
         if key not in state:
@@ -112,7 +116,14 @@ def infer_config(state: dict[str, torch.Tensor], *, heads: int | None = None, de
     nd = min(depth_dec if depth_dec is not None else 2, depth)
     h = heads if heads is not None else max(1, C // 64)
     try:
-        return ENATConfig(depth - nd, nd, int(C), int(h), int(L), codebook_size=int(V1) - 1, num_classes=int(K1) - 1,
-                          mlp_ratio=int(F) // int(C))
+        config = ENATConfig(depth - nd, nd, int(C), int(h), int(L), codebook_size=int(V1) - 1, num_classes=int(K1) - 1,
+                            mlp_ratio=int(F) // int(C))
     except ValueError as e:
         raise CheckpointError(f"cannot infer a configuration from the state dict: {e}") from e
+    assumed = [what for what, given in (("2 decoder blocks", depth_dec), (f"{h} heads (width / 64)", heads)) if given is None]
+    if assumed and not quiet:
+        warnings.warn(
+            f"enat: configuration {config.name} inferred from the checkpoint's shapes, "
+            f"assuming {' and '.join(assumed)}, which the shapes do not show; give the configuration "
+            "(--config) if the checkpoint was made otherwise", UserWarning, stacklevel=2)
+    return config

@@ -11,6 +11,7 @@ report themselves unavailable with that reason.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import torch
@@ -40,7 +41,14 @@ def _load(name: str) -> str | None:
     try:
         importlib.import_module(f"enat_kernels.{name}")
     except ImportError as e:  # missing file, or undefined symbols from another torch
-        return f"could not import enat_kernels.{name}: {e}"
+        hint = ""
+        if isinstance(e, ModuleNotFoundError):
+            # The usual cause: Python was started in the source checkout, whose uncompiled
+            # ./enat_kernels shadows the installed package.
+            here = os.path.dirname(os.path.abspath(__file__))
+            hint = (f" (enat_kernels was imported from {here}; if that is the source checkout, run from another "
+                    "directory so the installed, compiled package is imported)")
+        return f"could not import enat_kernels.{name}: {e}{hint}"
     return None
 
 

@@ -134,3 +134,17 @@ def _nowarn():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
+
+
+def test_fused_backend_for_falls_back_when_no_kernel_loads(monkeypatch):
+    """`--backend auto` on a machine whose compiled extension cannot load (built for
+    another torch, or the source tree shadowing the installed package) runs the torch
+    path with a warning naming the reason, instead of failing."""
+    from enat import backends as enat_backends
+
+    monkeypatch.setattr(enat_backends, "_warned", set())
+    monkeypatch.setattr(_dispatch, "backend_error", lambda name, device: "could not import enat_kernels._C (mocked)")
+    with pytest.warns(RuntimeWarning, match=r"no fused backend runs on cpu here \(cpu: could not import"):
+        assert enat_backends.fused_backend_for(torch.device("cpu")) == "torch"
+    monkeypatch.setattr(_dispatch, "backend_error", lambda name, device: None)
+    assert enat_backends.fused_backend_for(torch.device("cpu")) == "cpu"

@@ -97,4 +97,19 @@ def test_missing_unexpected_and_nan_keys(tmp_path):
 
 def test_infer_config():
     assert infer_config(build().state_dict(), heads=2, depth_dec=1) == get_config(CFG)
-    assert infer_config(build("e3d2-c128h2-l16").state_dict()).name == "e3d2-c128h2-l16"  # heads default C // 64
+    with pytest.warns(UserWarning, match=r"assuming 2 decoder blocks and 2 heads \(width / 64\)"):
+        assert infer_config(build("e3d2-c128h2-l16").state_dict()).name == "e3d2-c128h2-l16"  # heads default C // 64
+
+
+def test_infer_config_says_what_it_assumed():
+    """A checkpoint with another split loads silently as the wrong model unless told: the
+    warning names the assumption, and none is given when both were passed."""
+    state = build("e2d1-c128h4-l16").state_dict()
+    with pytest.warns(UserWarning, match=r"assuming 2 decoder blocks, which .*\(--config\)") as rec:
+        assert infer_config(state, heads=4).name == "e1d2-c128h4-l16"  # the guess is wrong here
+    assert "heads" not in str(rec[0].message)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert infer_config(state, heads=4, depth_dec=1).name == "e2d1-c128h4-l16"
