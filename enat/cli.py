@@ -13,7 +13,6 @@ as .npy with a preview PNG labelled as token maps.
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import sys
@@ -26,7 +25,7 @@ import torch
 from . import backends as _backends
 from .checkpoint import CheckpointError, infer_config, load_checkpoint, read_state_dict
 from .configs import DEFAULT_CONFIG, NAMED, get_config, sampling_settings
-from .distributed import init_from_env, sample_many
+from .distributed import SliceError, init_from_env, sample_many, saved_slices, stale_temporaries
 from .model import ENAT
 from .sampler import CUDAGraphSampler, sample
 
@@ -157,7 +156,17 @@ class SliceRunner:
         tokens = out.cpu()  # waits for the device
         return tokens, time.perf_counter() - t0
 
+    def _warm_up(self, batch: int) -> None:
+        """Outside the timings, each path: lazy initialization and the first (largest: every
+        token masked) allocations at the batch size; two steps are enough.  Done at the first
+        slice computed, so a run that computes nothing (or is refused) samples nothing."""
+        warm = torch.arange(batch) % self.model.config.num_classes
+        for be in [self.fused] + (["torch"] if self.compare else []):
+            sample(self.model, warm, steps=2, generator=torch.Generator(device=self.device).manual_seed(0), backend=be)
+
     def __call__(self, labels, seeds):
+        if self.calls == 0:
+            self._warm_up(labels.shape[0])
         order = [self.fused, "torch"] if self.compare else [self.fused]
         if self.calls % 2:
             order.reverse()
@@ -176,10 +185,25 @@ class SliceRunner:
         return tokens
 
 
+# torch.set_num_threads with a huge count crashes inside OpenMP (a segfault at 100000);
+# 1024 is above the hardware threads of any one machine torch runs on today.
+MAX_THREADS = 1024
+
+
+def _threads_error(requested: int | None) -> str | None:
+    if requested is not None and not 1 <= requested <= MAX_THREADS:
+        return f"--threads must lie in [1, {MAX_THREADS}], got {requested}"
+    return None
+
+
 def _cpu_threads(requested: int | None) -> tuple[int, str]:
     """Threads for CPU sampling, and why.  OpenMP threads that wait for each other at
     every op collapse when the cores are already busy (measured: 2 threads 5x slower
-    than 1 on a 2-core machine at load 7), so a busy machine gets one thread."""
+    than 1 on a 2-core machine at load 7), so a busy machine gets one thread.
+    Raises ValueError for a count outside [1, MAX_THREADS]."""
+    error = _threads_error(requested)
+    if error is not None:
+        raise ValueError(error)
     if requested:
         return requested, ""
     cores, load = os.cpu_count() or 1, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -199,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
 def _argument_error(args) -> str | None:
     """What is wrong with the numeric and path arguments (those not tied to the model), or None."""
     at_least = [("-n/--num-samples", args.num_samples, 1), ("-b/--batch-size", args.batch_size, 1),
-                ("--steps", args.steps, 1), ("--threads", args.threads, 1), ("--heads", args.heads, 1)]
+                ("--steps", args.steps, 1), ("--heads", args.heads, 1)]
     for name, value, low in at_least:
         if value is not None and value < low:
             return f"{name} must be at least {low}, got {value}"
+    if _threads_error(args.threads) is not None:
+        return _threads_error(args.threads)
     for name, value in (("--cfg", args.cfg), ("--mask-temp", args.mask_temp), ("--samp-temp", args.samp_temp)):
         if value is not None and not math.isfinite(value):
             return f"{name} must be a finite number, got {value}"
@@ -211,11 +237,30 @@ def _argument_error(args) -> str | None:
             return f"{name} must be non-negative, got {value}"
     if args.klass is not None and args.klass < 0:
         return f"--class must be non-negative, got {args.klass}"
+    if not args.out:
+        return "--out must name a folder, got ''"
+    if args.vq_checkpoint is not None and not os.path.isfile(args.vq_checkpoint):
+        return f"--vq-checkpoint must name a checkpoint file, but {args.vq_checkpoint!r} is not a file"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out must be a folder, but {args.out} is a file"
     if args.resume and args.overwrite:
         return "--resume keeps earlier slices and --overwrite deletes them: give one"
     return None
+
+
+def _device(name: str | None) -> torch.device | str:
+    """The torch device `name` names, or what is wrong with it."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        return f"--device must name a torch device such as cpu or cuda, got {name!r}"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device must be cpu or cuda, got {name!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name} needs a GPU, but torch sees none"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s)"
+    return device
 
 
 def _main(args) -> int:
@@ -224,15 +269,19 @@ def _main(args) -> int:
         print(f"enat-sample: {error}", file=sys.stderr)
         return 2
     slices_dir = os.path.join(args.out, "slices")
-    old = glob.glob(os.path.join(slices_dir, "slice_*.npz"))
+    old = saved_slices(slices_dir)
+    folders = [p for p in old if not os.path.isfile(p)]
+    if folders:  # never deleted, never read: not something this program wrote
+        print(f"enat-sample: {folders[0]} is a folder (or other non-file), not a slice; move it away or use another "
+              "output folder", file=sys.stderr)
+        return 2
     if old and not (args.resume or args.overwrite):
         print(f"enat-sample: {slices_dir} holds {len(old)} slices of an earlier run; pass --resume to keep them "
               "or --overwrite to delete them", file=sys.stderr)
         return 2
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        print(f"enat-sample: --device must name a torch device such as cpu or cuda, got {args.device!r}", file=sys.stderr)
+    device = _device(args.device)
+    if isinstance(device, str):
+        print(f"enat-sample: {device}", file=sys.stderr)
         return 2
     why_threads = ""
     if device.type == "cpu":
@@ -275,27 +324,32 @@ def _main(args) -> int:
     for note in notes:
         _say(rank, f"  note: {note}")
 
-    if rank == 0 and args.overwrite:
-        for f in old:
+    try:  # before sampling: a checkpoint that is no VQGAN would otherwise fail after all the work
+        decoder = _load_decoder(args, cfg, device) if rank == 0 else None
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"enat-sample: --vq-checkpoint: {e}", file=sys.stderr)
+        return 2
+
+    if rank == 0 and (args.overwrite or args.resume):
+        for f in (old if args.overwrite else []) + stale_temporaries(slices_dir):
             os.remove(f)
     if distributed:
         torch.distributed.barrier()
 
     labels = None if args.klass is None else (lambda i: args.klass)
-    # Warm-up outside the timings, each path: lazy initialization and the first (largest:
-    # every token masked) allocations at the real batch size; two steps are enough.
-    warm = torch.arange(max(1, min(args.batch_size, args.num_samples))) % cfg.num_classes
-    paths = [fused] + (["torch"] if args.compare else [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # already reported as notes
-        for be in paths:
-            sample(model, warm, steps=2, generator=torch.Generator(device=device).manual_seed(0), backend=be)
-
         runner = SliceRunner(model, settings, fused, args.compare, args.cuda_graph, device)
         progress = Progress(-(-args.num_samples // world), enabled=rank == 0 and not args.quiet)
-        result = sample_many(model, args.num_samples, slices_dir, global_seed=args.seed, slice_size=args.batch_size,
-                             labels=labels, backend=fused, sample_fn=runner,
-                             on_slice=lambda done: progress.update(len(done.sample_indices), runner.last_seconds), **settings)
+        try:
+            result = sample_many(model, args.num_samples, slices_dir, global_seed=args.seed, slice_size=args.batch_size,
+                                 labels=labels, backend=fused, sample_fn=runner,
+                                 on_slice=lambda done: progress.update(len(done.sample_indices), runner.last_seconds),
+                                 **settings)
+        except SliceError as e:  # raised before any slice is computed
+            progress.close()
+            print(f"enat-sample: {e}", file=sys.stderr)
+            return 2
         progress.close()
 
     if distributed:
@@ -305,7 +359,7 @@ def _main(args) -> int:
         everyone = [runner.stats]
     if rank == 0:
         _report(everyone, fused, args, world)
-        _save_outputs(args, cfg, result, device)
+        _save_outputs(args, cfg, result, decoder)
         if args.profile:
             _profile(model, fused, args, settings, device)
     if distributed:
@@ -332,17 +386,25 @@ def _report(everyone, fused, args, world) -> None:
         print(f"  {'speedup:':<19}{f / r:8.2f}x")
 
 
-def _save_outputs(args, cfg, result, device) -> None:
-    from .vq import load_vq_decoder, save_images, save_token_maps
+def _load_decoder(args, cfg, device):
+    """The VQGAN decoder of --vq-checkpoint (None without it)."""
+    from .vq import load_vq_decoder
+
+    if not args.vq_checkpoint:
+        return None
+    return load_vq_decoder(args.vq_checkpoint, codebook_size=cfg.codebook_size, device=device)
+
+
+def _save_outputs(args, cfg, result, decoder) -> None:
+    from .vq import save_images, save_token_maps
 
     tokens = torch.as_tensor(result.tokens.astype(np.int64))
     os.makedirs(args.out, exist_ok=True)
     print(f"  tokens: {result.path} ({tokens.shape[0]} x {tokens.shape[1]} x {tokens.shape[2]}, VQ code ids)")
-    if args.vq_checkpoint:
-        decoder = load_vq_decoder(args.vq_checkpoint, codebook_size=cfg.codebook_size, device=device)
+    if decoder is not None:
         paths = []
         for i in range(0, tokens.shape[0], 16):
-            images = decoder.decode(tokens[i : i + 16].to(device))
+            images = decoder.decode(tokens[i : i + 16])
             paths += save_images(images, args.out, start=i)
         print(f"  images: {len(paths)} PNGs in {args.out} (decoded with {args.vq_checkpoint})")
     else:

@@ -9,17 +9,19 @@ Launch with torchrun (``torchrun --nproc_per_node=8 -m enat.cli ...`` or the
 - Samples are cut into slices of ``slice_size`` consecutive indices (one slice = one
   batch, so a slice is always computed with the same batch); rank r takes slices
   r, r + W, r + 2W, ...  Each finished slice is saved (atomically) in ``out_dir``;
-  a rerun skips the slices already saved there (after checking they were made with
-  the same settings) and computes only the others.
+  a rerun skips the slices already saved there (after checking, before computing any,
+  that all were made with the same settings) and computes only the others.
 - The tokens of all slices are gathered on rank 0 (through torch.distributed, so the
   machines need not share a file system), which writes ``samples.npz``.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -99,8 +101,29 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+class SliceError(ValueError):
+    """A saved slice that a resumed run can neither use nor recompute (other settings, a folder)."""
+
+
+_SLICE_NAME = re.compile(r"slice_\d{6,}\.npz")
+# Temporaries end in ".part<pid>" so that no glob for slices matches them; the second
+# pattern is the older name ("slice_*.npz.tmp<pid>.npz") that a killed run may have left.
+_TEMPORARY_GLOBS = ("slice_*.npz.part*", "slice_*.npz.tmp*.npz")
+
+
 def _slice_path(out_dir: str, j: int) -> str:
     return os.path.join(out_dir, f"slice_{j:06d}.npz")
+
+
+def saved_slices(out_dir: str) -> list[str]:
+    """The slice paths in `out_dir` (not the temporaries of a run in progress or killed)."""
+    return sorted(p for p in glob.glob(os.path.join(glob.escape(out_dir), "slice_*.npz"))
+                  if _SLICE_NAME.fullmatch(os.path.basename(p)))
+
+
+def stale_temporaries(out_dir: str) -> list[str]:
+    """Half-written slices a killed run left in `out_dir`."""
+    return sorted({p for pattern in _TEMPORARY_GLOBS for p in glob.glob(os.path.join(glob.escape(out_dir), pattern))})
 
 
 def _load_slice(path: str, settings_key: str, indices: np.ndarray, labels: np.ndarray, grid: tuple[int, int],
@@ -109,13 +132,15 @@ def _load_slice(path: str, settings_key: str, indices: np.ndarray, labels: np.nd
     recomputed); raises if it was made with other settings."""
     if not os.path.exists(path):
         return None
+    if not os.path.isfile(path):  # never deleted: it is not something this program wrote
+        raise SliceError(f"{path} is a folder (or other non-file), not a slice; move it away or use another output folder")
     try:
         with np.load(path) as z:
             key, idx, lab, tokens = str(z["settings"]), z["indices"], z["labels"], z["tokens"]
     except Exception as e:  # a truncated file from a killed run: recompute it
         return _discard(path, f"unreadable ({type(e).__name__})")
     if key != settings_key or not np.array_equal(idx, indices):
-        raise ValueError(f"{path} was made with other settings (or other weights); use another output folder "
+        raise SliceError(f"{path} was made with other settings (or other weights); use another output folder "
                          "or delete it to start over")
     # Settings match, so the contents must be what this run would write: anything else
     # is a damaged or edited file.
@@ -136,8 +161,9 @@ def _discard(path: str, why: str) -> None:
 
 
 def _save_slice(path: str, settings_key: str, indices: np.ndarray, labels: np.ndarray, tokens: np.ndarray) -> None:
-    tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, settings=np.asarray(settings_key), indices=indices, labels=labels, tokens=tokens)
+    tmp = path + f".part{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, settings=np.asarray(settings_key), indices=indices, labels=labels, tokens=tokens)
     os.replace(tmp, path)  # atomic: a slice file is either complete or absent
 
 
@@ -194,6 +220,9 @@ def sample_many(
     n_slices = -(-num_samples // slice_size)
     result = ScaleOutResult(None, None)
     local: dict[int, np.ndarray] = {}
+    todo = []
+    # Every saved slice is checked before any is computed: a slice of other settings
+    # stops the run before it has spent time.
     for j in range(rank, n_slices, world):
         indices = np.arange(j * slice_size, min(num_samples, (j + 1) * slice_size), dtype=np.int64)
         lab = np.asarray([label_of(int(i)) for i in indices], dtype=np.int64)
@@ -201,21 +230,24 @@ def sample_many(
         tokens = _load_slice(path, key, indices, lab, (h, w), cfg_model.codebook_size)
         if tokens is not None:
             result.skipped.append(j)
+            local[j] = tokens
         else:
-            seeds = [sample_seed(global_seed, int(i)) for i in indices]
-            t0 = time.perf_counter()
-            if sample_fn is None:
-                gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds]
-                out = sample(model, torch.as_tensor(lab), steps, cfg, mask_temp=mask_temp, samp_temp=samp_temp,
-                             generator=gens, backend=backend)
-            else:
-                out = sample_fn(torch.as_tensor(lab), seeds)
-            tokens = out.cpu().numpy().astype(dtype)  # waits for the device
-            seconds = time.perf_counter() - t0
-            _save_slice(path, key, indices, lab, tokens)
-            result.computed.append(j)
-            if on_slice is not None:
-                on_slice(SliceDone(j, indices, lab, seeds, tokens, seconds))
+            todo.append((j, indices, lab, path))
+    for j, indices, lab, path in todo:
+        seeds = [sample_seed(global_seed, int(i)) for i in indices]
+        t0 = time.perf_counter()
+        if sample_fn is None:
+            gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds]
+            out = sample(model, torch.as_tensor(lab), steps, cfg, mask_temp=mask_temp, samp_temp=samp_temp,
+                         generator=gens, backend=backend)
+        else:
+            out = sample_fn(torch.as_tensor(lab), seeds)
+        tokens = out.cpu().numpy().astype(dtype)  # waits for the device
+        seconds = time.perf_counter() - t0
+        _save_slice(path, key, indices, lab, tokens)
+        result.computed.append(j)
+        if on_slice is not None:
+            on_slice(SliceDone(j, indices, lab, seeds, tokens, seconds))
         local[j] = tokens
 
     # Gather every rank's slices on rank 0 (pickled numpy arrays; works with gloo and nccl).

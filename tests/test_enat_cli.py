@@ -85,3 +85,13 @@ def test_resume_recomputes_malformed_slices(tmp_path, capsys, damage, note):
     out = capsys.readouterr().out
     assert f"{path} is {note}; recomputing it" in out and "images/s" in out
     assert np.array_equal(np.load(tmp_path / "slices" / "samples.npz")["tokens"], first)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1025, 100000])
+def test_cpu_threads_bounds(threads):
+    """The check enat-sample and enat-train share: torch.set_num_threads crashes (OpenMP) with huge counts."""
+    from enat.cli import MAX_THREADS, _cpu_threads
+
+    assert _cpu_threads(MAX_THREADS)[0] == MAX_THREADS and _cpu_threads(3)[0] == 3
+    with pytest.raises(ValueError, match=rf"--threads must lie in \[1, {MAX_THREADS}\], got {threads}"):
+        _cpu_threads(threads)

@@ -533,7 +533,8 @@ CLI_CASES = [
     ("cli-batch-size-zero", ["-b", "0"], "-b/--batch-size must be at least 1, got 0"),
     ("cli-steps-zero", ["--steps", "0"], "--steps must be at least 1, got 0"),
     ("cli-steps-negative", ["--steps", "-3"], "--steps must be at least 1, got -3"),
-    ("cli-threads-negative", ["--threads", "-1"], "--threads must be at least 1, got -1"),
+    ("cli-threads-negative", ["--threads", "-1"], "--threads must lie in [1, 1024], got -1"),
+    ("cli-threads-huge", ["--threads", "100000"], "--threads must lie in [1, 1024], got 100000"),
     ("cli-heads-zero", ["--heads", "0"], "--heads must be at least 1, got 0"),
     ("cli-cfg-nan", ["--cfg", "nan"], "--cfg must be a finite number, got nan"),
     ("cli-cfg-inf", ["--cfg", "inf"], "--cfg must be a finite number, got inf"),
@@ -544,7 +545,14 @@ CLI_CASES = [
     ("cli-out-is-file", ["--out", "{file}"], "--out must be a folder, but {file} is a file"),
     ("cli-resume-and-overwrite", ["--resume", "--overwrite"], "--resume keeps earlier slices and --overwrite deletes them: give one"),
     ("cli-device-unknown", ["--device", "gpu0"], "--device must name a torch device such as cpu or cuda, got 'gpu0'"),
+    ("cli-device-meta", ["--device", "meta"], "--device must be cpu or cuda, got 'meta'"),
+    ("cli-out-empty", ["--out", ""], "--out must name a folder, got ''"),
+    ("cli-vq-checkpoint-missing", ["--vq-checkpoint", "{file}.absent"], "--vq-checkpoint must name a checkpoint file, but '{file}.absent' is not a file"),
+    ("cli-vq-checkpoint-folder", ["--vq-checkpoint", "{dir}"], "--vq-checkpoint must name a checkpoint file, but '{dir}' is not a file"),
+    ("cli-vq-checkpoint-not-vqgan", ["--vq-checkpoint", "{file}"], "--vq-checkpoint: cannot read checkpoint"),
 ]
+if not torch.cuda.is_available():
+    CLI_CASES.append(("cli-device-cuda-absent", ["--device", "cuda"], "--device cuda needs a GPU, but torch sees none"))
 
 
 @pytest.mark.parametrize("argv, message", [pytest.param(a, m, id=i) for i, a, m in CLI_CASES])
@@ -553,11 +561,12 @@ def test_cli_rejects(argv, message, tmp_path, capsys):
 
     file = tmp_path / "a_file"
     file.write_text("x")
-    argv = [a.replace("{file}", str(file)) for a in argv]
+    fill = lambda a: a.replace("{file}", str(file)).replace("{dir}", str(tmp_path))  # noqa: E731
+    argv = [fill(a) for a in argv]
     out = ["--out", str(tmp_path / "out")] if "--out" not in argv else []
     assert main(CLI_TINY + out + argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("enat-sample: ") and message.replace("{file}", str(file)) in err, err
+    assert err.startswith("enat-sample: ") and fill(message) in err, err
     assert not (tmp_path / "out" / "slices").exists()  # refused before any work
 
 
@@ -575,4 +584,59 @@ def test_cli_refuses_to_delete_earlier_results(tmp_path, capsys):
     assert main(CLI_TINY + out + ["--overwrite"]) == 0
 
 
-EXTRA_ROWS += tuple(c[0] for c in ENAT_CASES) + tuple(c[0] for c in CLI_CASES) + ("cli-earlier-results",)
+def test_cli_resume_refuses_other_settings_before_any_work(tmp_path, capsys, monkeypatch):
+    """Row cli-resume-other-settings: every saved slice is checked before any is computed."""
+    from enat import cli
+    from enat.cli import main
+
+    out = ["--out", str(tmp_path)]
+    assert main(CLI_TINY + ["-n", "6"] + out) == 0
+    (tmp_path / "slices" / "slice_000000.npz").unlink()  # one slice to recompute, before the foreign ones
+    capsys.readouterr()
+    calls = []
+    monkeypatch.setattr(cli, "sample", lambda *a, **k: calls.append(a) or 1 / 0)  # any sampling fails loudly
+    assert main(CLI_TINY + ["-n", "6", "--seed", "7", "--resume"] + out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("enat-sample: ") and "slice_000001.npz was made with other settings (or other weights)" in err, err
+    assert calls == [] and not (tmp_path / "slices" / "slice_000000.npz").exists()
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_cli_slice_path_that_is_a_folder(tmp_path, capsys, flag):
+    """Row cli-slice-folder: a folder named like a slice is refused, never deleted."""
+    from enat.cli import main
+
+    out = ["--out", str(tmp_path)]
+    assert main(CLI_TINY + out) == 0
+    folder = tmp_path / "slices" / "slice_000005.npz"
+    folder.mkdir()
+    (folder / "keep").write_text("x")
+    capsys.readouterr()
+    assert main(CLI_TINY + out + [flag]) == 2
+    err = capsys.readouterr().err
+    assert err == f"enat-sample: {folder} is a folder (or other non-file), not a slice; move it away or use another output folder\n"
+    assert (folder / "keep").read_text() == "x"
+
+
+def test_cli_stale_temporaries_are_not_slices(tmp_path, capsys):
+    """A killed run's temporaries neither count as earlier slices nor survive --resume."""
+    from enat.cli import main
+
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    stale = [slices / "slice_000000.npz.tmp123.npz", slices / "slice_000001.npz.part456"]
+    for p in stale:
+        p.write_bytes(b"half")
+    out = ["--out", str(tmp_path)]
+    assert main(CLI_TINY + out) == 0  # no "slices of an earlier run"
+    capsys.readouterr()
+    assert main(CLI_TINY + out + ["--resume"]) == 0
+    assert "already saved" in capsys.readouterr().out
+    assert not any(p.exists() for p in stale)
+    assert sorted(p.name for p in slices.iterdir()) == ["samples.npz", "slice_000000.npz", "slice_000001.npz"]
+
+
+EXTRA_ROWS += tuple(c[0] for c in ENAT_CASES) + tuple(c[0] for c in CLI_CASES) + (
+    "cli-earlier-results", "cli-resume-other-settings", "cli-slice-folder")
+if "cli-device-cuda-absent" not in EXTRA_ROWS:  # tested only on machines without a GPU
+    EXTRA_ROWS += ("cli-device-cuda-absent",)
