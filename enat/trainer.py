@@ -207,6 +207,9 @@ class Trainer:
                 check_state_dict(module, weights[name], source=os.path.join(path, name))
             except CheckpointError as e:
                 raise DamagedCheckpoint(str(e)) from e
+            bad = [k for k, v in weights[name].items() if not torch.isfinite(v).all()]
+            if bad:
+                raise DamagedCheckpoint(f"{os.path.join(path, name)}: tensor {bad[0]!r} holds NaN or Inf")
         optimizer = _read(path, "optimizer.pth", weights_only=True)
         self.model.load_state_dict(weights["nnet.pth"])
         self.ema.load_state_dict(weights["nnet_ema.pth"])

@@ -295,7 +295,16 @@ def _remove(folder, name):
     os.remove(folder / name)
 
 
-@pytest.mark.parametrize("damage", [_truncate, _remove])
+def _nan(folder, name):
+    if name == "train_state.pth" or name == "optimizer.pth":
+        return _truncate(folder, name)
+    state = torch.load(folder / name, weights_only=True)
+    key = sorted(state)[len(state) // 2]
+    state[key].view(-1)[0] = float("nan")
+    torch.save(state, folder / name)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _remove, _nan])
 @pytest.mark.parametrize("name", ["optimizer.pth", "train_state.pth", "nnet.pth", "nnet_ema.pth"])
 def test_resume_skips_a_damaged_latest_checkpoint(damage, name, tmp_path, capsys):
     data = tmp_path / "train.npy"
@@ -310,7 +319,8 @@ def test_resume_skips_a_damaged_latest_checkpoint(damage, name, tmp_path, capsys
     assert run(args_for(data, tmp_path / "b", "--steps", "9", "--resume"), parts) == 0
     out = capsys.readouterr().out
     assert f"resumed from {tmp_path / 'b' / 'ckpts' / '3.ckpt'} (step 3)" in out, out
-    assert f"note: skipped a damaged checkpoint: {latest / name}: cannot be read" in out, out
+    why = "holds NaN or Inf" if damage is _nan and name.startswith("nnet") else "cannot be read"
+    assert re.search(f"note: skipped a damaged checkpoint: {re.escape(str(latest / name))}: .*{why}", out), out
     assert [r[2] for r in parts] == [r[2] for r in straight]  # continued exactly from step 3
 
 
