@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import training as T
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, check_state_dict, load_checkpoint
 from .configs import ENATConfig
 from .data import SampleStream, TokenDataset
 from .model import ENAT
@@ -181,20 +181,39 @@ class Trainer:
         return path
 
     def resume(self, path: str) -> None:
-        """Continue from checkpoint folder `path` (same settings that fix the sample order)."""
-        state = torch.load(os.path.join(path, "train_state.pth"), map_location="cpu", weights_only=False)
+        """Continue from checkpoint folder `path` (the same settings; only --steps may differ).
+
+        Every file is read and checked before anything is applied, so a damaged
+        checkpoint (DamagedCheckpoint) leaves the trainer untouched."""
+        state = _read(path, "train_state.pth", weights_only=False)
         saved = state["settings"]
         for key in ("global_batch", "seed"):
             if saved[key] != getattr(self.settings, key):
                 raise ValueError(f"{path} was trained with {key} {saved[key]}, this run has {getattr(self.settings, key)}: "
                                  "the sample order would change; use the same value or another output folder")
+        for key, value in asdict(self.settings).items():
+            # The optimizer and schedule state would bring back the saved values: refuse rather than record others.
+            if key != "steps" and key in saved and _plain(saved[key]) != _plain(value):
+                raise ValueError(f"{path} was trained with {key} {_plain(saved[key])}, this run has {_plain(value)}: "
+                                 "a resumed run keeps its settings (only --steps may change); use the same value or another output folder")
         if state["data"] != self.data.fingerprint():
             raise ValueError(f"{path} was trained on other data (other files or row counts); the sample order would change")
         if state["config"] != self.config.name:
             raise ValueError(f"{path} holds configuration {state['config']}, this run is {self.config.name}")
-        load_checkpoint(self.model, os.path.join(path, "nnet.pth"))
-        load_checkpoint(self.ema, os.path.join(path, "nnet_ema.pth"))
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pth"), map_location=self.device, weights_only=True))
+        weights = {}
+        for name, module in (("nnet.pth", self.model), ("nnet_ema.pth", self.ema)):
+            weights[name] = _read(path, name, weights_only=True)
+            try:
+                check_state_dict(module, weights[name], source=os.path.join(path, name))
+            except CheckpointError as e:
+                raise DamagedCheckpoint(str(e)) from e
+            bad = [k for k, v in weights[name].items() if not torch.isfinite(v).all()]
+            if bad:
+                raise DamagedCheckpoint(f"{os.path.join(path, name)}: tensor {bad[0]!r} holds NaN or Inf")
+        optimizer = _read(path, "optimizer.pth", weights_only=True)
+        self.model.load_state_dict(weights["nnet.pth"])
+        self.ema.load_state_dict(weights["nnet_ema.pth"])
+        self.optimizer.load_state_dict(optimizer)
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
@@ -208,14 +227,33 @@ class Trainer:
         self.step = state["step"]
 
 
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The complete checkpoint folder with the highest step in <out>/ckpts, or None."""
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint folder with a missing, truncated or unreadable file."""
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _read(folder: str, name: str, weights_only: bool):
+    path = os.path.join(folder, name)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch raises several types for missing, truncated or foreign files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedCheckpoint(f"{path}: cannot be read ({reason})") from e
+    if not isinstance(obj, dict):
+        raise DamagedCheckpoint(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def checkpoints(out_dir: str) -> list[str]:
+    """The checkpoint folders in <out>/ckpts, the highest step first."""
     root = os.path.join(out_dir, "ckpts")
     if not os.path.isdir(root):
-        return None
-    steps = [int(m.group(1)) for d in os.listdir(root) if (m := _CKPT.match(d))
-             and os.path.isfile(os.path.join(root, d, "train_state.pth"))]
-    return os.path.join(root, f"{max(steps)}.ckpt") if steps else None
+        return []
+    steps = sorted((int(m.group(1)) for d in os.listdir(root) if (m := _CKPT.match(d))), reverse=True)
+    return [os.path.join(root, f"{step}.ckpt") for step in steps]
 
 
 def init_weights(model: ENAT, init: str | None, seed: int) -> str:

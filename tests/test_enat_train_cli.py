@@ -193,7 +193,7 @@ def test_missing_data(where, message, tmp_path, capsys):
 def test_argument_errors(tmp_path, capsys):
     data = tmp_path / "train.npy"
     features(data)
-    for argv in (["--batch-size", "0"], ["--steps", "-1"], ["--ema-decay", "2"], ["--precision", "fp8"]):
+    for argv in (["--batch-size", "0"], ["--steps", "-1"], ["--precision", "fp8"]):
         with pytest.raises(SystemExit) as e:
             main(args_for(data, tmp_path / "o", *argv))
         assert e.value.code == 2
@@ -206,3 +206,156 @@ def test_argument_errors(tmp_path, capsys):
     assert main(args_for(data, tmp_path / "r", "--steps", "3")) == 0
     assert main(args_for(data, tmp_path / "r", "--steps", "4", "--resume", "--seed", "1")) == 2
     assert "was trained with seed 0, this run has 1" in capsys.readouterr().err
+
+
+def _file(path):
+    path.write_text("not a folder")
+    return path
+
+
+# (id, extra arguments, the message after "enat-train: "; {out} is the output folder)
+ARGUMENT_ERRORS = [
+    ("train-lr", ["--lr", "inf"], "--lr must be a finite number in (0, inf), got inf"),
+    ("train-lr-nan", ["--lr", "nan"], "--lr must be a finite number in (0, inf), got nan"),
+    ("train-weight-decay", ["--weight-decay", "inf"], "--weight-decay must be a finite number in [0, inf), got inf"),
+    ("train-weight-decay-negative", ["--weight-decay", "-0.1"], "--weight-decay must be a finite number in [0, inf), got -0.1"),
+    ("train-betas", ["--betas", "0.9", "1.0"], "--betas (2) must be a finite number in [0, 1), got 1.0"),
+    ("train-betas-nan", ["--betas", "nan", "0.9"], "--betas (1) must be a finite number in [0, 1), got nan"),
+    ("train-ema-decay", ["--ema-decay", "2"], "--ema-decay must be a finite number in [0, 1], got 2.0"),
+    ("train-grad-clip", ["--grad-clip", "inf"], "--grad-clip must be a finite number in (0, inf), got inf"),
+    ("train-label-drop", ["--label-drop", "-0.5"], "--label-drop must be a finite number in [0, 1], got -0.5"),
+    ("train-reuse-prob", ["--reuse-prob", "nan"], "--reuse-prob must be a finite number in [0, 1], got nan"),
+    ("train-label-smoothing", ["--label-smoothing", "1.5"], "--label-smoothing must be a finite number in [0, 1], got 1.5"),
+    ("train-dropout", ["--dropout", "inf"], "--dropout must be a finite number in [0, 1], got inf"),
+    ("train-warmup", ["--warmup", "-5"], "--warmup must be >= 0, got -5"),
+    ("train-resume-overwrite", ["--resume", "--overwrite"], "--resume continues the earlier checkpoints and --overwrite deletes them: give one"),
+]
+
+
+@pytest.mark.parametrize("extra, message", [pytest.param(e, m, id=i) for i, e, m in ARGUMENT_ERRORS])
+def test_out_of_range_arguments_are_refused(extra, message, tmp_path, capsys):
+    data = tmp_path / "train.npy"
+    features(data)
+    assert main(args_for(data, tmp_path / "o", "--steps", "1", *extra)) == 2
+    assert capsys.readouterr().err == f"enat-train: {message}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_must_be_a_folder(tmp_path, capsys):
+    """Row train-out-file."""
+    data = tmp_path / "train.npy"
+    features(data)
+    out = _file(tmp_path / "o")
+    assert main(args_for(data, out, "--steps", "1")) == 2
+    assert capsys.readouterr().err == f"enat-train: --out must be a folder, but {out} is a file\n"
+    assert out.read_text() == "not a folder"
+
+
+def test_earlier_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
+    """Row train-earlier-checkpoints; --overwrite deletes them and starts over."""
+    data = tmp_path / "train.npy"
+    features(data)
+    out = tmp_path / "o"
+    assert main(args_for(data, out, "--steps", "6")) == 0  # saves 3.ckpt and 6.ckpt
+    capsys.readouterr()
+    assert main(args_for(data, out, "--steps", "3", "--seed", "4")) == 2
+    assert capsys.readouterr().err == (f"enat-train: {out / 'ckpts'} holds 2 checkpoints of an earlier run; "
+                                       "pass --resume to continue it or --overwrite to delete them\n")
+    assert sorted(os.listdir(out / "ckpts")) == ["3.ckpt", "6.ckpt"]
+    assert main(args_for(data, out, "--steps", "3", "--seed", "4", "--overwrite")) == 0
+    assert sorted(os.listdir(out / "ckpts")) == ["3.ckpt"]
+    assert ckpt(out, 3, "train_state.pth")["settings"]["seed"] == 4
+
+
+@pytest.mark.parametrize("extra, key, saved, given", [
+    (["--lr", "1e-3"], "lr", "0.0004", "0.001"),
+    (["--warmup", "1"], "warmup", "2", "1"),
+    (["--weight-decay", "0.01"], "weight_decay", "0.03", "0.01"),
+    (["--betas", "0.9", "0.99"], "betas", "(0.99, 0.99)", "(0.9, 0.99)"),
+    (["--ema-decay", "0.5"], "ema_decay", "0.9999", "0.5"),
+    (["--dropout", "0"], "dropout", "0.1", "0.0"),
+])
+def test_resume_refuses_other_settings(extra, key, saved, given, tmp_path, capsys):
+    data = tmp_path / "train.npy"
+    features(data)
+    assert main(args_for(data, tmp_path / "r", "--steps", "3")) == 0
+    capsys.readouterr()
+    assert main(args_for(data, tmp_path / "r", "--steps", "6", "--resume", *extra)) == 2
+    err = capsys.readouterr().err
+    assert f"was trained with {key} {saved}, this run has {given}: a resumed run keeps its settings" in err, err
+    assert sorted(os.listdir(tmp_path / "r" / "ckpts")) == ["3.ckpt"]
+
+
+def _truncate(folder, name):
+    path = folder / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _remove(folder, name):
+    os.remove(folder / name)
+
+
+def _nan(folder, name):
+    if name == "train_state.pth" or name == "optimizer.pth":
+        return _truncate(folder, name)
+    state = torch.load(folder / name, weights_only=True)
+    key = sorted(state)[len(state) // 2]
+    state[key].view(-1)[0] = float("nan")
+    torch.save(state, folder / name)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _remove, _nan])
+@pytest.mark.parametrize("name", ["optimizer.pth", "train_state.pth", "nnet.pth", "nnet_ema.pth"])
+def test_resume_skips_a_damaged_latest_checkpoint(damage, name, tmp_path, capsys):
+    data = tmp_path / "train.npy"
+    features(data)
+    straight, parts = [], []
+    assert run(args_for(data, tmp_path / "a", "--steps", "9"), straight) == 0
+    assert run(args_for(data, tmp_path / "b", "--steps", "6"), parts) == 0
+    latest = tmp_path / "b" / "ckpts" / "6.ckpt"
+    damage(latest, name)
+    capsys.readouterr()
+    del parts[3:]  # steps 4..6 are trained again from 3.ckpt
+    assert run(args_for(data, tmp_path / "b", "--steps", "9", "--resume"), parts) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'b' / 'ckpts' / '3.ckpt'} (step 3)" in out, out
+    why = "holds NaN or Inf" if damage is _nan and name.startswith("nnet") else "cannot be read"
+    assert re.search(f"note: skipped a damaged checkpoint: {re.escape(str(latest / name))}: .*{why}", out), out
+    assert [r[2] for r in parts] == [r[2] for r in straight]  # continued exactly from step 3
+
+
+def test_resume_with_no_loadable_checkpoint_is_an_error(tmp_path, capsys):
+    """Row train-resume-damaged."""
+    data = tmp_path / "train.npy"
+    features(data)
+    out = tmp_path / "o"
+    assert main(args_for(data, out, "--steps", "6")) == 0
+    _truncate(out / "ckpts" / "6.ckpt", "optimizer.pth")
+    _remove(out / "ckpts" / "3.ckpt", "nnet.pth")
+    capsys.readouterr()
+    assert main(args_for(data, out, "--steps", "9", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"enat-train: --resume: no checkpoint in {out / 'ckpts'} can be loaded: "
+                          f"{out / 'ckpts' / '6.ckpt' / 'optimizer.pth'}: cannot be read"), err
+    assert f"{out / 'ckpts' / '3.ckpt' / 'nnet.pth'}: cannot be read" in err and "Traceback" not in err
+
+
+def test_nonfinite_loss_stops_without_saving(tmp_path, capsys):
+    """Row train-loss-not-finite: weights poisoned after step 4 make step 5's loss NaN."""
+    data = tmp_path / "train.npy"
+    features(data)
+    out = tmp_path / "o"
+
+    def poison(trainer, loss):
+        if trainer.step == 4:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.fill_(float("nan"))
+
+    assert train(parse_args(args_for(data, out, "--steps", "9", "--log-every", "100")), on_step=poison) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("enat-train: the loss is nan at step 5; stopped without saving"), err
+    assert sorted(os.listdir(out / "ckpts")) == ["3.ckpt"]
+
+
+EXTRA_ERRORS = ["train-out-file", "train-earlier-checkpoints", "train-resume-settings", "train-resume-damaged", "train-loss-not-finite"]

@@ -223,10 +223,10 @@ def test_errors_md_lists_every_case():
     """docs/ERRORS.md has one row per case, named by the case id, and no stale rows."""
     text = ERRORS_MD.read_text()
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M))
-    from test_enat_train_cli import DATA_ERRORS, MISSING_ERRORS
+    from test_enat_train_cli import ARGUMENT_ERRORS, DATA_ERRORS, EXTRA_ERRORS, MISSING_ERRORS
     from test_enat_training import ERROR_CASES as TRAINING_CASES
 
-    tested = {c[0] for c in CASES + TRAINING_CASES + DATA_ERRORS + MISSING_ERRORS} | set(EXTRA_ROWS)
+    tested = {c[0] for c in CASES + TRAINING_CASES + DATA_ERRORS + MISSING_ERRORS + ARGUMENT_ERRORS} | set(EXTRA_ROWS) | set(EXTRA_ERRORS)
     assert documented == tested, f"missing from ERRORS.md: {sorted(tested - documented)}; not tested: {sorted(documented - tested)}"
 
 
