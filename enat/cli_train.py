@@ -24,7 +24,7 @@ import torch
 from . import backends as _backends
 from . import training as T
 from .checkpoint import CheckpointError, infer_config, read_state_dict
-from .cli import _cpu_threads
+from .cli import _cpu_threads, _threads_error
 from .configs import DEFAULT_CONFIG, get_config
 from .data import DataError, TokenDataset
 from .distributed import init_from_env
@@ -73,6 +73,8 @@ def _argument_error(args) -> str | None:
             return error
     if args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
+    if (threads := _threads_error(args.threads)) is not None:  # enat-sample's bound: a huge count crashes OpenMP
+        return threads
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out must be a folder, but {args.out} is a file"
     if args.resume and args.overwrite:

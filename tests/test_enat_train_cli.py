@@ -228,6 +228,7 @@ ARGUMENT_ERRORS = [
     ("train-label-smoothing", ["--label-smoothing", "1.5"], "--label-smoothing must be a finite number in [0, 1], got 1.5"),
     ("train-dropout", ["--dropout", "inf"], "--dropout must be a finite number in [0, 1], got inf"),
     ("train-warmup", ["--warmup", "-5"], "--warmup must be >= 0, got -5"),
+    ("train-threads-huge", ["--threads", "100000"], "--threads must lie in [1, 1024], got 100000"),
     ("train-resume-overwrite", ["--resume", "--overwrite"], "--resume continues the earlier checkpoints and --overwrite deletes them: give one"),
 ]
 
