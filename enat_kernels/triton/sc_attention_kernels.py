@@ -97,8 +97,12 @@ def _lse_offset(b, start, h, stride_lb, stride_lh, VARLEN: tl.constexpr):
 
 @triton.jit
 def _load_rows(ptr, first, stride_m, offs_r, offs_d, n_valid, MASKED: tl.constexpr):
-    """Rows first + offs_r of a (rows, D) slab; masked rows (>= n_valid) read as 0."""
-    ptrs = ptr + tl.cast(first, tl.int64) * stride_m + offs_r[:, None] * stride_m + offs_d[None, :]
+    """Rows first + offs_r of a (rows, D) slab; masked rows (>= n_valid) read as 0.
+
+    The row offset is int64: Triton types a stride that fits in int32 as int32, and
+    offs_r * stride_m would wrap for token strides above 2^31 / BLOCK (a sequence-major
+    buffer viewed as (B, N, H, D) has stride B * H * D)."""
+    ptrs = ptr + tl.cast(first, tl.int64) * stride_m + offs_r[:, None].to(tl.int64) * stride_m + offs_d[None, :]
     if MASKED:
         return tl.load(ptrs, mask=(first + offs_r < n_valid)[:, None], other=0.0)
     return tl.load(ptrs)
@@ -106,7 +110,7 @@ def _load_rows(ptr, first, stride_m, offs_r, offs_d, n_valid, MASKED: tl.constex
 
 @triton.jit
 def _store_rows(ptr, first, stride_m, offs_r, offs_d, value, n_rows):
-    ptrs = ptr + tl.cast(first, tl.int64) * stride_m + offs_r[:, None] * stride_m + offs_d[None, :]
+    ptrs = ptr + tl.cast(first, tl.int64) * stride_m + offs_r[:, None].to(tl.int64) * stride_m + offs_d[None, :]
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=(first + offs_r < n_rows)[:, None])
 
 
