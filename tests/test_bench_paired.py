@@ -8,19 +8,22 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_paired_table(tmp_path):
-    out = tmp_path / "paired.md"
-    # From outside the source tree, the repository appended to sys.path: the installed
-    # enat_kernels (with its compiled extension) wins over ./enat_kernels.
-    code = (
-        f"import sys; sys.path.append({ROOT!r}); from benchmarks.paired import main; "
-        f"sys.exit(main(['--rounds', '3', '--shapes', 'dec256-ragged', '--paths', 'ours:torch,reference', "
-        f"'--out', {str(out)!r}]))"
-    )
+def run_paired_script(module: str, args: list[str], tmp_path) -> str:
+    """Run benchmarks.<module>.main(args + ['--out', ...]) on the CPU and return its table.
+
+    From outside the source tree, the repository appended to sys.path: the installed
+    enat_kernels (with its compiled extension) wins over ./enat_kernels."""
+    out = tmp_path / f"{module}.md"
+    code = (f"import sys; sys.path.append({ROOT!r}); from benchmarks.{module} import main; "
+            f"sys.exit(main({args + ['--out', str(out)]!r}))")
     env = dict(os.environ, ENAT_BENCH_DEVICE="cpu", ENAT_BENCH_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    text = out.read_text()
+    return out.read_text()
+
+
+def test_paired_table(tmp_path):
+    text = run_paired_script("paired", ["--rounds", "3", "--shapes", "dec256-ragged", "--paths", "ours:torch,reference"], tmp_path)
     assert "Method: 3 rounds" in text
     for direction in ("fwd", "fwd+bwd"):
         section = text.split(f"## {direction} | dec256-ragged")[1].split("##")[0]

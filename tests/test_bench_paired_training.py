@@ -2,27 +2,14 @@
 the first loss, the table has the per-round ratio, and the CPU peak memory is measured
 in a fresh process."""
 
-import os
-import subprocess
-import sys
+from test_bench_paired import run_paired_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "e2d1-c32h2-l16-v64-k10"
 
 
 def test_paired_training_table(tmp_path):
-    out = tmp_path / "training.md"
-    # From outside the source tree, the repository appended to sys.path: the installed
-    # enat_kernels (with its compiled extension) wins over ./enat_kernels.
-    code = (
-        f"import sys; sys.path.append({ROOT!r}); from benchmarks.paired_training import main; "
-        f"sys.exit(main(['--config', {TINY!r}, '--batch', '2', '--rounds', '2', '--shapes', {TINY + '-B2-reuse'!r}, "
-        f"'--out', {str(out)!r}]))"
-    )
-    env = dict(os.environ, ENAT_BENCH_DEVICE="cpu", ENAT_BENCH_THREADS="1")
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    text = out.read_text()
+    args = ["--config", TINY, "--batch", "2", "--rounds", "2", "--shapes", TINY + "-B2-reuse"]
+    text = run_paired_script("paired_training", args, tmp_path)
     assert "Method: 2 rounds" in text and f"## {TINY}: B=2, reuse pass on" in text
     fused = next(line for line in text.splitlines() if line.startswith("| fused (cpu)"))
     torch_row = next(line for line in text.splitlines() if line.startswith("| torch (reference)"))
