@@ -1,11 +1,12 @@
-"""Shared fixtures.  Without a GPU, Triton kernels run under the interpreter on CPU tensors."""
+"""Fixtures and settings for every test folder (shared plain helpers live in tests/support/).
+
+Without a GPU, Triton kernels run under the interpreter on CPU tensors."""
 
 import os
 
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -14,7 +15,7 @@ from hypothesis import settings  # noqa: E402
 
 import enat_kernels  # noqa: E402,F401
 
-# Randomized tests (tests/test_randomized.py): "ci" (default) is short and derandomized,
+# Randomized tests (tests/kernels/test_randomized.py): "ci" (default) is short and derandomized,
 # so a run is reproducible; "long" explores: HYPOTHESIS_PROFILE=long or
 # `pytest --hypothesis-profile=long`.
 settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, database=None, print_blob=True)

@@ -20,8 +20,8 @@ import enat.backends as enat_backends
 from enat import ENAT, sample
 from enat_kernels import _dispatch
 
-from enat_models import responsive_model
-from tolerances import assert_within_pytorch_error
+from support.enat_models import responsive_model
+from support.tolerances import assert_within_pytorch_error
 
 CONFIGS = {"cpu": "e2d1-c64h2-l64", "triton": "e2d1-c32h2-l16-v64-k10"}
 

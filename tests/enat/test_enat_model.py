@@ -13,8 +13,8 @@ import torch
 import enat
 from enat import ENAT, TokenCounts, sample
 
-from enat_direct import DirectENAT
-from enat_models import responsive_model
+from support.enat_direct import DirectENAT
+from support.enat_models import responsive_model
 
 CFG = "e2d1-c64h2-l64"
 TOL = 1e-4

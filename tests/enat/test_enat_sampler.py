@@ -15,7 +15,7 @@ import enat_kernels as ek
 from enat import ENAT, sample
 from enat.sampler import SamplingPlan, _Sampler
 
-from enat_models import responsive_model
+from support.enat_models import responsive_model
 
 CFG = "e2d1-c64h2-l64"
 # The reference formulas and the fused path (kernels + fewer-pass sampler math).

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from enat import ENAT
 from enat import training as T
 
-from enat_direct import DirectENAT
-from tolerances import assert_within_pytorch_error
+from support.enat_direct import DirectENAT
+from support.tolerances import assert_within_pytorch_error
 
 CFG = "e2d1-c64h2-l64"  # head_dim 32, 64 tokens, 1024 codes, 1000 classes
 

@@ -31,7 +31,7 @@ from enat import get_config, sample
 from enat.model import ENATOutput
 from enat.sampler import _Sampler
 
-from enat_models import responsive_model
+from support.enat_models import responsive_model
 
 PATHS = ["torch", "cpu"]
 CFG = "e1d1-c32h2-l16-v64-k10"  # L = 16, V = 64, 10 classes + null

@@ -172,7 +172,7 @@ def test_backends_report_on_a_cpu_machine():
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_head_dim_one_runs(backend, gen):
     """The smallest head_dim is accepted by the backends without a fixed list of sizes."""
-    from attention_cases import sc_attention_oracle
+    from support.attention_cases import sc_attention_oracle
 
     err = _dispatch.attention_error(backend, "cpu", torch.float32, 1)
     if backend == "cpu" and _dispatch.backend_error("cpu", "cpu") is not None:

@@ -16,7 +16,7 @@ import torch
 import enat_kernels as ek
 from enat_kernels import _dispatch
 
-from backend_params import device_for
+from support.backends import device_for
 
 H, D = 2, 16
 

@@ -19,14 +19,14 @@ import enat_kernels as ek
 from enat_kernels import _dispatch
 from enat_kernels.reference import sc_attention_ref
 
-from attention_cases import AttnCase, make_inputs, make_varlen_inputs
-from test_sc_attention import _compare, _forward_backward
+from support.attention_cases import AttnCase, make_inputs, make_varlen_inputs
+from support.attention_checks import compare, forward_backward
+from support.paths import TESTS
 
 CPU_ERR = _dispatch.attention_error("cpu", "cpu", torch.float32, 64)
 pytestmark = pytest.mark.skipif(CPU_ERR is not None, reason=str(CPU_ERR))
 
 OPS = torch.ops.enat_kernels
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _finite(inputs):
@@ -138,10 +138,10 @@ def test_shapes_against_oracle(case, dtype, gen, poison):
         return sc_attention_ref(*x, cond_lens=cl, self_lens=sl)
 
     inputs = (q, kc, vc, ks, vs)
-    got = _forward_backward(fused, inputs, dout, dlse)
-    lowp = _forward_backward(ref, inputs, dout, dlse)
-    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double())
-    _compare(got, lowp, oracle, dtype)
+    got = forward_backward(fused, inputs, dout, dlse)
+    lowp = forward_backward(ref, inputs, dout, dlse)
+    oracle = forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double())
+    compare(got, lowp, oracle, dtype)
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -188,7 +188,7 @@ def test_bitwise_deterministic_across_runs_and_threads(case, gen):
     dlse = torch.randn(case.B, case.H, case.N, generator=gen)
 
     def run():
-        return _forward_backward(
+        return forward_backward(
             lambda *x: ek.sc_attention(*x, cond_lens=cl, self_lens=sl, return_lse=True, backend="cpu"),
             (q, kc, vc, ks, vs), dout, dlse,
         )
@@ -213,8 +213,8 @@ _PORTABLE_SCRIPT = textwrap.dedent(
     assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
     import enat_kernels as ek
     from enat_kernels.reference import sc_attention_ref
-    from attention_cases import AttnCase, make_inputs
-    from test_sc_attention import _compare, _forward_backward
+    from support.attention_cases import AttnCase, make_inputs
+    from support.attention_checks import compare, forward_backward
 
     gen = torch.Generator().manual_seed(0)
     case = AttnCase("p", B=2, N=140, Nc=70, H=2, D=40, cond_lens=(70, 9), self_lens=(140, 33))
@@ -225,8 +225,8 @@ _PORTABLE_SCRIPT = textwrap.dedent(
         fused = lambda *x: ek.sc_attention(*x, cond_lens=cl, self_lens=sl, return_lse=True, backend="cpu")
         ref = lambda *x: sc_attention_ref(*x, cond_lens=cl, self_lens=sl)
         inputs = (q, kc, vc, ks, vs)
-        _compare(_forward_backward(fused, inputs, dout, dlse), _forward_backward(ref, inputs, dout, dlse),
-                 _forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double()), dtype)
+        compare(forward_backward(fused, inputs, dout, dlse), forward_backward(ref, inputs, dout, dlse),
+                 forward_backward(ref, [t.double() for t in inputs], dout.double(), dlse.double()), dtype)
     print("ok")
     """
 )
@@ -238,10 +238,10 @@ def test_portable_build_against_oracle():
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     # The enat_kernels this session imported (installed, or built in place), not
     # necessarily the source tree: in CI the source tree has no compiled extension
-    # (hence also cwd=HERE: `python -c` puts the working directory first on sys.path).
+    # (hence also cwd=TESTS: `python -c` puts the working directory first on sys.path).
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(ek.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root, HERE, env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, str(TESTS), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], env=env, cwd=TESTS, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout[-2000:] + res.stderr[-4000:]
 
 

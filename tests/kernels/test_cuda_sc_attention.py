@@ -30,13 +30,13 @@ import enat_kernels as ek
 from enat_kernels import _extension
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
-from attention_cases import CASES, VARLEN_CASES, AttnCase, make_inputs, make_varlen_inputs
-from conftest import HAS_CUDA
-from test_sc_attention import _forward_backward
-from tolerances import assert_within_pytorch_error
-from test_unowned_rows import assert_unowned_rows, spare_rows_inputs
+from support.attention_cases import CASES, VARLEN_CASES, AttnCase, make_inputs, make_varlen_inputs
+from support.attention_checks import forward_backward
+from support.backends import HAS_CUDA
+from support.tolerances import assert_within_pytorch_error
+from support.paths import REPO as ROOT
+from support.unowned_rows import assert_unowned_rows, spare_rows_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
 EMU_SRC = ROOT / "csrc" / "cuda" / "sc_attention_emu" / "emu_main.cpp"
 GRADS = ("dq", "dk_cond", "dv_cond", "dk_self", "dv_self")
 LOWP = [torch.float16, torch.bfloat16]
@@ -136,8 +136,8 @@ def emulate(exe, workdir: Path, op, inputs, *, lens=(None, None), cu=(None, None
 
 
 def _check_all(got: dict, ref, inputs, dout, dlse, dtype):
-    lowp = _forward_backward(ref, inputs, dout, dlse)
-    oracle = _forward_backward(ref, [t.double() for t in inputs], dout.double(), None if dlse is None else dlse.double())
+    lowp = forward_backward(ref, inputs, dout, dlse)
+    oracle = forward_backward(ref, [t.double() for t in inputs], dout.double(), None if dlse is None else dlse.double())
     for i, name in enumerate(("out", "lse") + GRADS):
         assert_within_pytorch_error(name, got[name], lowp[i], oracle[i], dtype)
 
@@ -293,7 +293,7 @@ def test_gpu_large_shapes_many_tiles(head_dim, dtype, gen, poison):
     def ref(*x):
         return sc_attention_ref(*x, cl, sl)
 
-    got = dict(zip(("out", "lse") + GRADS, _forward_backward(fused, inputs, dout, dlse)))
+    got = dict(zip(("out", "lse") + GRADS, forward_backward(fused, inputs, dout, dlse)))
     _check_all(got, ref, inputs, dout, dlse, dtype)
 
 
@@ -309,7 +309,7 @@ def test_gpu_output_only_gradient(case, dtype, gen, poison):
     def fused(*x):
         return ek.sc_attention(*x, cond_lens=cl, self_lens=sl, return_lse=True, backend="cuda")
 
-    got = dict(zip(("out", "lse") + GRADS, _forward_backward(fused, inputs, dout, None)))
+    got = dict(zip(("out", "lse") + GRADS, forward_backward(fused, inputs, dout, None)))
     _check_all(got, lambda *x: sc_attention_ref(*x, cl, sl), inputs, dout, None, dtype)
 
 

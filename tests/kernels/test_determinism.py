@@ -10,8 +10,8 @@ import torch
 
 import enat_kernels as ek
 
-from attention_cases import CASES, VARLEN_CASES, make_inputs, make_varlen_inputs
-from backend_params import device_for, skip_unless_routes, skip_unless_runs
+from support.attention_cases import CASES, VARLEN_CASES, make_inputs, make_varlen_inputs
+from support.backends import device_for, skip_unless_routes, skip_unless_runs
 
 REPEATS = 3
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -8,7 +8,6 @@ switched off (kernels clamp, never read out of bounds) and the NaN policy.
 """
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,10 @@ import enat_kernels as ek
 from enat_kernels import _dispatch, _validation
 from enat_kernels.reference import sc_attention_ref
 
-from backend_params import device_for, skip_unless_routes, skip_unless_runs
+from support.backends import device_for, skip_unless_routes, skip_unless_runs
+from support.paths import REPO, import_test_module
 
-ERRORS_MD = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
+ERRORS_MD = REPO / "docs" / "ERRORS.md"
 I32, I64 = torch.int32, torch.int64
 
 # ----------------------------------------------------------------------------- inputs
@@ -223,10 +223,10 @@ def test_errors_md_lists_every_case():
     """docs/ERRORS.md has one row per case, named by the case id, and no stale rows."""
     text = ERRORS_MD.read_text()
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", text, flags=re.M))
-    from test_enat_train_cli import ARGUMENT_ERRORS, DATA_ERRORS, EXTRA_ERRORS, MISSING_ERRORS
-    from test_enat_training import ERROR_CASES as TRAINING_CASES
-
-    tested = {c[0] for c in CASES + TRAINING_CASES + DATA_ERRORS + MISSING_ERRORS + ARGUMENT_ERRORS} | set(EXTRA_ROWS) | set(EXTRA_ERRORS)
+    # The rows of enat-train and enat.training are tested next to the code they need.
+    cli, training = import_test_module("enat/test_enat_train_cli.py"), import_test_module("enat/test_enat_training.py")
+    cases = CASES + training.ERROR_CASES + cli.DATA_ERRORS + cli.MISSING_ERRORS + cli.ARGUMENT_ERRORS
+    tested = {c[0] for c in cases} | set(EXTRA_ROWS) | set(cli.EXTRA_ERRORS)
     assert documented == tested, f"missing from ERRORS.md: {sorted(tested - documented)}; not tested: {sorted(documented - tested)}"
 
 

@@ -19,7 +19,7 @@ import torch
 
 import enat_kernels as ek
 
-from backend_params import device_for, skip_unless_routes
+from support.backends import device_for, skip_unless_routes
 
 # (B, L, C) uint8 with B * L * C = 2**31 + 2048: the last row starts 2**31 + 1024 bytes in.
 B, L, C = 2, (1 << 20) + 1, 1024

@@ -24,9 +24,9 @@ import enat_kernels as ek
 from enat_kernels import _dispatch
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
-from attention_cases import make_varlen_inputs
-from backend_params import device_for, skip_unless_routes
-from test_sc_attention import _compare, _forward_backward
+from support.attention_cases import make_varlen_inputs
+from support.attention_checks import compare, forward_backward
+from support.backends import device_for, skip_unless_routes
 
 # `poison` is one mode for the whole test, not per-example state.
 RANDOM = settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -130,13 +130,13 @@ def test_sc_attention_random(backend, data, poison):
     def ref(*b):
         return sc_attention_ref(*views(*b), cond_lens=cl, self_lens=sl, scale=scale)
 
-    got = _forward_backward(fused, bufs, dout, dlse)
-    lowp = _forward_backward(ref, bufs, dout, dlse)
-    oracle = _forward_backward(ref, [b.double() for b in bufs], dout.double(), dlse.double())
+    got = forward_backward(fused, bufs, dout, dlse)
+    lowp = forward_backward(ref, bufs, dout, dlse)
+    oracle = forward_backward(ref, [b.double() for b in bufs], dout.double(), dlse.double())
     assert got[0].shape == (B, N, H, D) and got[0].dtype == dtype and got[0].is_contiguous()
     assert got[1].shape == (B, H, N)
     names = ["out", "lse"] + [f"grad of buffer {i} ({layout})" for i in range(len(bufs))]
-    _compare(got, lowp, oracle, dtype, names)
+    compare(got, lowp, oracle, dtype, names)
 
 
 # ----------------------------------------------------------------------------- packed
@@ -180,12 +180,12 @@ def test_sc_attention_varlen_random(backend, data, poison):
     def ref(*b):
         return sc_attention_varlen_ref(*views(*b), cu_q, cu_c, max_q, max_c, scale=scale)
 
-    got = _forward_backward(fused, bufs, dout, dlse)
-    lowp = _forward_backward(ref, bufs, dout, dlse)
-    oracle = _forward_backward(ref, [b.double() for b in bufs], dout.double(), dlse.double())
+    got = forward_backward(fused, bufs, dout, dlse)
+    lowp = forward_backward(ref, bufs, dout, dlse)
+    oracle = forward_backward(ref, [b.double() for b in bufs], dout.double(), dlse.double())
     assert got[0].shape == (Tq, H, D) and got[1].shape == (H, Tq)
     names = ["out", "lse"] + [f"grad of buffer {i} ({layout})" for i in range(len(bufs))]
-    _compare(got, lowp, oracle, dtype, names)
+    compare(got, lowp, oracle, dtype, names)
 
 
 # ----------------------------------------------------------------------------- routing

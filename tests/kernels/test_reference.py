@@ -14,7 +14,7 @@ from enat_kernels.reference import (
     scatter_rows_ref,
 )
 
-from attention_cases import CASES, VARLEN_CASES, make_inputs, make_varlen_inputs
+from support.attention_cases import CASES, VARLEN_CASES, make_inputs, make_varlen_inputs
 
 
 def direct(q, kc, vc, ks, vs, cond_lens, self_lens, scale):

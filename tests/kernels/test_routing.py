@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch, _extension
+from enat_kernels import _extension
 from enat_kernels.reference import gather_rows_ref, mask_to_indices_ref, merge_ranks_ref, scatter_rows_ref
 
-from conftest import HAS_CUDA
+from support.backends import HAS_CUDA, device_for, skip_unless_routes
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool]
 ROW_SIZES = [1, 3, 7, 64]  # odd sizes give 1- and 2-byte words; 64 the widest
@@ -29,19 +29,6 @@ ROW_SIZES = [1, 3, 7, 64]  # odd sizes give 1- and 2-byte words; 64 the widest
 
 def _name(d) -> str:
     return str(d).replace("torch.", "")
-
-
-def device_for(backend: str) -> str:
-    return "cuda" if backend == "cuda" or (backend in ("triton", "torch") and HAS_CUDA) else "cpu"
-
-
-def skip_unless_runs(backend: str) -> str:
-    """The device backend `backend` runs on here; skips the test with its reason if none."""
-    dev = device_for(backend)
-    err = _dispatch.routing_error(backend, dev)
-    if err is not None:
-        pytest.skip(err)
-    return dev
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -159,7 +146,7 @@ def assert_same(got: torch.Tensor, ref: torch.Tensor, what: str = "output") -> N
 @pytest.mark.parametrize("case", MASK_CASES, ids=str)
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_mask_to_indices(backend, case, gen, poison):
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     mask = random_mask(case.L, case.counts, gen)
     idx, lens = ek.mask_to_indices(mask.to(dev), case.count, backend=backend)
     ref_idx, ref_lens = indices_loop(mask, case.count)
@@ -170,7 +157,7 @@ def test_mask_to_indices(backend, case, gen, poison):
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_mask_to_indices_non_contiguous_mask(backend, gen, poison):
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     mask = random_mask(20, (7, 3, 12), gen)
     view = mask.to(dev).t().contiguous().t()  # same values, column-major
     idx, lens = ek.mask_to_indices(view, 12, backend=backend)
@@ -183,7 +170,7 @@ def test_mask_to_indices_non_contiguous_mask(backend, gen, poison):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_gather_tokens(backend, dtype, C, gen, poison):
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L = 4, 29
     x = random_tokens((B, L, C), dtype, gen)
     idx, _ = mask_to_indices_ref(random_mask(L, (0, 29, 5, 13), gen), 16)
@@ -197,7 +184,7 @@ def test_gather_tokens(backend, dtype, C, gen, poison):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_restore_tokens(backend, dtype, C, gen, poison):
     """Two ragged subsets (rows of -1 anywhere, which must be skipped) back into a sequence."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L = 3, 31
     idx_a, idx_b, _, _ = two_disjoint_sets(B, L, (4, 0, 17), (20, 9, 14), gen)
     idx_a, idx_b = shuffled_rows(idx_a, gen), shuffled_rows(idx_b, gen)
@@ -210,7 +197,7 @@ def test_restore_tokens(backend, dtype, C, gen, poison):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_scatter_tokens(backend, dtype, gen, poison):
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 3, 26, 5
     idx, _ = mask_to_indices_ref(random_mask(L, (11, 2, 26), gen), L)
     idx = shuffled_rows(idx, gen)
@@ -222,7 +209,7 @@ def test_scatter_tokens(backend, dtype, gen, poison):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_trailing_dims_and_2d_tokens(backend, gen, poison):
     """(B, L, H, D) tokens move as rows of H * D; (B, L) tokens as rows of one element."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, H, D = 2, 13, 3, 5
     x = random_tokens((B, L, H, D), torch.float16, gen)
     idx = shuffled_rows(mask_to_indices_ref(random_mask(L, (4, 9), gen), 10)[0], gen)
@@ -239,7 +226,7 @@ def test_trailing_dims_and_2d_tokens(backend, gen, poison):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_unaligned_views(backend, gen, poison):
     """Contiguous views that start at an odd byte offset force narrower words."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 3, 11, 2  # float16 rows of 4 bytes, storage offset of 2 bytes
     flat = random_tokens((B * L * C + 1,), torch.float16, gen).to(dev)
     x = flat[1:].view(B, L, C)
@@ -258,7 +245,7 @@ def test_unaligned_views(backend, gen, poison):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_split_then_restore_is_identity(backend, dtype, gen, poison):
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 4, 30, 7
     counts = (0, 30, 12, 5)
     x = random_tokens((B, L, C), dtype, gen).to(dev)
@@ -279,7 +266,7 @@ def test_split_then_restore_is_identity(backend, dtype, gen, poison):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_split_default_num_false(backend, gen, poison):
     """Rows with the same True count: num_false defaults to L - num_true."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 2, 18, 4
     x = random_tokens((B, L, C), torch.float32, gen).to(dev)
     mask = random_mask(L, (7, 7), gen).to(dev)
@@ -293,7 +280,7 @@ def test_split_default_num_false(backend, gen, poison):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_merge_equals_gathering_the_union(backend, dtype, gen, poison):
     """merge_tokens of two disjoint subsets = gathering their union, in position order."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 4, 27, 3
     na, nb = (5, 0, 27, 9), (13, 6, 0, 0)
     idx_a, idx_b, mask_a, mask_b = two_disjoint_sets(B, L, na, nb, gen)
@@ -328,7 +315,7 @@ def _check_grads(fused, ref, inputs, grad_out, dev):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_gradients(backend, dtype, gen, poison):
     """Backward of gather, scatter, restore and merge equals the reference's autograd."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 3, 21, 6
     idx_a, idx_b, _, _ = two_disjoint_sets(B, L, (7, 0, 12), (3, 15, 9), gen)
     sa, sb = shuffled_rows(idx_a, gen), shuffled_rows(idx_b, gen)
@@ -360,7 +347,7 @@ def test_gradients(backend, dtype, gen, poison):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_gradient_of_one_input_only(backend, gen, poison):
     """restore_tokens with only b requiring grad: a's backward is skipped, b's is right."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 2, 12, 3
     idx_a, idx_b, _, _ = two_disjoint_sets(B, L, (4, 6), (8, 2), gen)
     a = random_tokens((B, idx_a.shape[1], C), torch.float32, gen).to(dev)
@@ -373,7 +360,7 @@ def test_gradient_of_one_input_only(backend, gen, poison):
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_gradcheck_float64(backend, gen):
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 2, 7, 2
     idx_a, idx_b, _, _ = two_disjoint_sets(B, L, (3, 1), (2, 5), gen)
     ia, ib = idx_a.to(dev), idx_b.to(dev)
@@ -393,7 +380,7 @@ def test_gradcheck_float64(backend, gen):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_empty_cases(backend, gen, poison):
     """count 0, N 0, B 0, L 0 and seq_len 0 give correctly shaped results (zeros, -1)."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     C = 3
 
     def both(mask, count):
@@ -432,7 +419,7 @@ def test_empty_cases(backend, gen, poison):
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_empty_gradients(backend, gen):
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     x = random_tokens((2, 9, 3), torch.float32, gen).to(dev).requires_grad_(True)
     out = ek.gather_tokens(x, torch.zeros(2, 0, dtype=torch.int64).to(dev), backend=backend)
     (g,) = torch.autograd.grad(out.sum(), x)
@@ -535,7 +522,7 @@ def test_value_checks_off_skips_data_checks(backend, gen, poison):
     """Under value_checks(False) bad values raise nothing: kernels clamp counts and
     skip out-of-range indices (zero rows for gather), as the contract says.  The
     metadata checks stay on."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     B, L, C = 2, 8, 3
     mask = random_mask(L, (3, 6), gen)
     x = random_tokens((B, L, C), torch.float32, gen)
@@ -609,7 +596,7 @@ def _interpreted(backend: str) -> bool:
 @pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
 def test_opcheck(backend, gen):
     """Schema, autograd registration, fake implementation and AOT dispatch of every routing op."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if _interpreted(backend):
         tests = tests[:2]  # INTERPRETER_LIMIT
@@ -676,7 +663,7 @@ def test_triton_ops_trace_without_the_interpreter():
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_compiles_without_graph_breaks(backend, gen):
     """split -> restore traces whole under torch.compile (fakes, SymInt sizes, no host sync)."""
-    dev = skip_unless_runs(backend)
+    dev = skip_unless_routes(backend)
     if _interpreted(backend):
         pytest.skip(INTERPRETER_LIMIT)
     torch._dynamo.reset()
@@ -723,7 +710,7 @@ def _sampling_counts(seq_len: int = 256, steps: int = 8) -> list[int]:
 def _routing_keys(count: int, dtype, width: int, L: int = 256, B: int = 2):
     """{launch kind: Triton specialization key} of mask_to_indices, gather and scatter at
     one token count: the key that selects (or compiles) a kernel variant."""
-    from test_triton_sc_attention import _jit
+    from support.triton_jit import jit_for_gpu
 
     from enat_kernels.triton import routing as T
 
@@ -735,7 +722,7 @@ def _routing_keys(count: int, dtype, width: int, L: int = 256, B: int = 2):
         "gather": (T._copy_rows_kernel, T.copy_rows_launch(rows, x, idx, L, count, scatter=False)),
         "scatter": (T._copy_rows_kernel, T.copy_rows_launch(x, rows, idx, count, L, scatter=True)),
     }
-    return {kind: repr(_jit(kernel)[2](**launch[1])[1]) for kind, (kernel, launch) in launches.items() if launch is not None}
+    return {kind: repr(jit_for_gpu(kernel)[2](**launch[1])[1]) for kind, (kernel, launch) in launches.items() if launch is not None}
 
 
 @pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 768), (torch.int64, 1)], ids=["tokens", "ids"])

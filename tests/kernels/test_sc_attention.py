@@ -1,6 +1,6 @@
 """SC-Attention: every backend against the float64 oracle, forward and backward.
 
-The oracle (attention_cases.sc_attention_oracle) is written independently of
+The oracle (support/attention_cases.py, sc_attention_oracle) is written independently of
 enat_kernels.reference, which is also the ``torch`` backend: row by row over the
 concatenated keys.  The error budget is the error of plain PyTorch in the same dtype:
 enat_kernels.reference for the fused backends, the independent formula for the
@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
-from attention_cases import (
+from support.attention_cases import (
     CASES,
     VARLEN_CASES,
     make_inputs,
@@ -26,77 +25,10 @@ from attention_cases import (
     sc_attention_oracle,
     sc_attention_varlen_oracle,
 )
-from conftest import HAS_CUDA
-from tolerances import assert_within_pytorch_error
+from support.attention_checks import check_dense_against_oracle, compare, forward_backward, lowp_and_oracle
+from support.backends import device_for, skip_unless_runs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-NAMES = ("out", "lse", "dq", "dk_cond", "dv_cond", "dk_self", "dv_self")
-
-
-def device_for(backend: str) -> str:
-    return "cuda" if backend == "cuda" or (backend in ("triton", "torch") and HAS_CUDA) else "cpu"
-
-
-def skip_unless_runs(backend, dtype, head_dim):
-    err = _dispatch.attention_error(backend, device_for(backend), dtype, head_dim)
-    if err is not None:
-        pytest.skip(err)
-
-
-def _leaves(tensors):
-    return [t.detach().clone().requires_grad_(True) for t in tensors]
-
-
-def _forward_backward(fn, inputs, dout, dlse):
-    """Run fn(*inputs) -> (out, lse); return out, lse and the five input gradients."""
-    leaves = _leaves(inputs)
-    out, lse = fn(*leaves)
-    outputs, grads_in = [out], [dout.to(out.dtype)]
-    if dlse is not None:
-        # lse is -inf on padded rows; its gradient there must not matter.
-        outputs.append(lse)
-        grads_in.append(dlse.to(lse.dtype))
-    grads = torch.autograd.grad(outputs, leaves, grads_in, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
-    return [out.detach(), lse.detach()] + [g.detach() for g in grads]
-
-
-def _lowp_and_oracle(backend, ref, independent, inputs, dout, dlse):
-    """The error budget's low-precision run and the float64 oracle's results."""
-    lowp = _forward_backward(independent if backend == "torch" else ref, inputs, dout, dlse)
-    oracle = _forward_backward(independent, [t.double() for t in inputs], dout.double(), None if dlse is None else dlse.double())
-    return lowp, oracle
-
-
-def _compare(results, lowp, oracle, dtype, names=NAMES):
-    for name, got, lp, ref in zip(names, results, lowp, oracle):
-        assert got.dtype == lp.dtype or name == "lse", f"{name}: dtype {got.dtype}, expected {lp.dtype}"
-        assert_within_pytorch_error(name, got, lp, ref, dtype)
-
-
-def check_dense_against_oracle(backend, case, dtype, dev, gen):
-    """Output, lse and the five gradients (with dlse) of `backend` on `case`, against
-    the float64 reference, within the accuracy rule of tolerances.py."""
-    q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, dev, gen)
-    B, N, H, _ = q.shape
-    dout = torch.randn(q.shape, generator=gen).to(dev, dtype)
-    dlse = torch.randn(B, H, N, generator=gen).to(dev)
-
-    def fused(*x):
-        return ek.sc_attention(*x, cond_lens=cl, self_lens=sl, scale=case.scale, return_lse=True, backend=backend)
-
-    def ref(*x):
-        return sc_attention_ref(*x, cond_lens=cl, self_lens=sl, scale=case.scale)
-
-    def independent(*x):
-        return sc_attention_oracle(*x, cond_lens=cl, self_lens=sl, scale=case.scale)
-
-    inputs = (q, kc, vc, ks, vs)
-    got = _forward_backward(fused, inputs, dout, dlse)
-    lowp, oracle = _lowp_and_oracle(backend, ref, independent, inputs, dout, dlse)
-    assert got[0].is_contiguous() and got[0].shape == q.shape
-    assert got[1].shape == (B, H, N)
-    _compare(got, lowp, oracle, dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -127,9 +59,9 @@ def test_dense_output_only_gradient(backend, case, gen, poison):
         return sc_attention_oracle(*x, cond_lens=cl, self_lens=sl)
 
     inputs = (q, kc, vc, ks, vs)
-    got = _forward_backward(fused, inputs, dout, None)
-    lowp, oracle = _lowp_and_oracle(backend, ref, independent, inputs, dout, None)
-    _compare(got, lowp, oracle, dtype)
+    got = forward_backward(fused, inputs, dout, None)
+    lowp, oracle = lowp_and_oracle(backend, ref, independent, inputs, dout, None)
+    compare(got, lowp, oracle, dtype)
 
 
 @pytest.mark.parametrize("case", list(VARLEN_CASES), ids=str)
@@ -154,10 +86,10 @@ def test_varlen(backend, dtype, case, gen, poison):
         return sc_attention_varlen_oracle(*x, cu_q, cu_c)
 
     inputs = (q, kc, vc, ks, vs)
-    got = _forward_backward(fused, inputs, dout, dlse)
-    lowp, oracle = _lowp_and_oracle(backend, ref, independent, inputs, dout, dlse)
+    got = forward_backward(fused, inputs, dout, dlse)
+    lowp, oracle = lowp_and_oracle(backend, ref, independent, inputs, dout, dlse)
     assert got[1].shape == (H, q.shape[0])
-    _compare(got, lowp, oracle, dtype)
+    compare(got, lowp, oracle, dtype)
 
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)

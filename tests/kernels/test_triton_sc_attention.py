@@ -23,9 +23,11 @@ import torch
 import enat_kernels as ek
 from enat_kernels import _dispatch, _ops
 
-from attention_cases import AttnCase, make_inputs
-from conftest import HAS_CUDA
-from test_sc_attention import check_dense_against_oracle
+from support.attention_cases import AttnCase, make_inputs
+from support.attention_checks import check_dense_against_oracle
+from support.backends import HAS_CUDA
+from support.paths import REPO, TESTS
+from support.triton_jit import jit_for_gpu
 
 pytest.importorskip("triton")
 from enat_kernels.triton import sc_attention as sa  # noqa: E402
@@ -37,7 +39,6 @@ _ERR = _dispatch.attention_error("triton", DEVICE, torch.float32, 64)
 pytestmark = pytest.mark.skipif(_ERR is not None, reason=f"triton backend unavailable: {_ERR}")
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _name(dtype):
@@ -47,29 +48,12 @@ def _name(dtype):
 # ----------------------------------------------------------------------------- specialization
 
 
-def _jit(kernel, arch: int = 90):
-    """(JITFunction, backend, binder) of `kernel` for sm_<arch>, no GPU needed.
-
-    The JITFunction is rebuilt from the kernel's Python function with the kernel's own
-    do_not_specialize (under the interpreter `kernel` is an InterpretedFunction); the
-    binder is what Triton's launcher calls to get the specialization key that selects
-    the compiled variant."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    dns = getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize")
-    jit = JITFunction(kernel.fn, do_not_specialize=dns)
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
-
-
 def _keys(launches):
     """[(kernel name, specialization key, launch options)] of a list of (kernel, (grid, kwargs))."""
     out = []
     for kernel, (_grid, kwargs) in launches:
         args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-        _, spec, _ = _jit(kernel)[2](**args)
+        _, spec, _ = jit_for_gpu(kernel)[2](**args)
         out.append((kernel.fn.__name__, spec, kwargs.get("num_warps"), kwargs.get("num_stages")))
     return out
 
@@ -183,7 +167,7 @@ def _compile_for_gpu(kernel, kwargs, arch):
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    jit, backend, binder = _jit(kernel, arch)
+    jit, backend, binder = jit_for_gpu(kernel, arch)
     args = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
     bound, spec, _ = binder(**args)
     names = [p.name for p in jit.params]
@@ -233,12 +217,12 @@ def test_gpu_code_generation(arch, dtype, head_dim):
 
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton has no NVIDIA backend")
     code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_triton_sc_attention as t; "
+        "import json, sys; sys.path[:0] = sys.argv[1].split(','); import test_triton_sc_attention as t; "
         "print('REPORT' + json.dumps(t.codegen_report(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).parent), str(arch), dtype, str(head_dim)],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code, f"{pathlib.Path(__file__).parent},{TESTS}", str(arch), dtype, str(head_dim)],
+                         env=env, cwd=REPO, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.split("REPORT", 1)[1])
     assert [k["name"] for k in report] == ["sc_attn_fwd_kernel", "sc_attn_bwd_preprocess_kernel",
@@ -307,7 +291,7 @@ def test_out_of_range_lengths_are_clamped(gen, poison):
 
 def _csrc_schema(op: str) -> str:
     """The schema string of `op` as csrc/schema.cpp defines it (C++ literals joined)."""
-    text = (ROOT / "csrc" / "schema.cpp").read_text()
+    text = (REPO / "csrc" / "schema.cpp").read_text()
     for call in re.findall(r"m\.def\((.*?)\);", text, flags=re.S):
         schema = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call))
         if schema.startswith(op + "("):

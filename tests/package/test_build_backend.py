@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support.paths import REPO
+
+ROOT = str(REPO)
 sys.path.insert(0, os.path.join(ROOT, "build_backend"))
 import enat_build_backend as backend  # noqa: E402
 

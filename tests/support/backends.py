@@ -1,18 +1,34 @@
 """Which device each backend's tests run on, and skipping a backend that cannot run.
 
-The SC-Attention helpers are those of the shared suite (tests/test_sc_attention.py);
-routing gets the matching one, so every reliability suite covers a backend as soon
-as its kernels land.
+Every suite that runs one test per backend (torch, cpu, triton, cuda) uses these, so a
+backend is covered as soon as its kernels load, and skips with its own reason otherwise.
 """
 
 import pytest
+import torch
 
 from enat_kernels import _dispatch
 
-from test_sc_attention import device_for, skip_unless_runs  # noqa: F401  (re-exported)
+HAS_CUDA = torch.cuda.is_available()
 
 
-def skip_unless_routes(backend: str) -> None:
-    err = _dispatch.routing_error(backend, device_for(backend))
+def device_for(backend: str) -> str:
+    """The device a backend's tests use here: its GPU when there is one, else the CPU
+    (Triton under the interpreter, the torch reference on CPU tensors)."""
+    return "cuda" if backend == "cuda" or (backend in ("triton", "torch") and HAS_CUDA) else "cpu"
+
+
+def skip_unless_runs(backend: str, dtype, head_dim: int) -> None:
+    """Skip the test unless `backend` runs SC-Attention for this dtype and head_dim here."""
+    err = _dispatch.attention_error(backend, device_for(backend), dtype, head_dim)
     if err is not None:
         pytest.skip(err)
+
+
+def skip_unless_routes(backend: str) -> str:
+    """The device `backend` runs the routing ops on here; skips the test with its reason if none."""
+    dev = device_for(backend)
+    err = _dispatch.routing_error(backend, dev)
+    if err is not None:
+        pytest.skip(err)
+    return dev

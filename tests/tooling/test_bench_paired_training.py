@@ -2,7 +2,7 @@
 the first loss, the table has the per-round ratio, and the CPU peak memory is measured
 in a fresh process."""
 
-from test_bench_paired import run_paired_script
+from support.paired_scripts import run_paired_script
 
 TINY = "e2d1-c32h2-l16-v64-k10"
 

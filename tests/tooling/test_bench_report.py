@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support.paths import REPO
+
+ROOT = str(REPO)
 REPORT_PY = os.path.join(ROOT, "benchmarks", "report.py")
 
 

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support.paths import REPO
+
+ROOT = str(REPO)
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_session.sh")
 SUMMARY = os.path.join(ROOT, "scripts", "gpu_session_summary.py")
 PHASES = ["build", "check", "tests", "sanitize", "bench-attn", "bench-anchors", "bench-routing", "sampling"]

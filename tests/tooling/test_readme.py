@@ -2,14 +2,14 @@
 that cannot rot): the attention output against the independent float64 oracle, the
 routing results against direct boolean indexing."""
 
-import pathlib
 import re
 
 import torch
 
-from attention_cases import sc_attention_oracle
+from support.attention_cases import sc_attention_oracle
+from support.paths import REPO
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 
 
 def test_readme_python_example_runs_and_is_right():

@@ -7,11 +7,12 @@ sanitizer (a shell script that writes a log) stands in for it.
 import importlib.util
 import stat
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sanitize.py"
+from support.paths import REPO
+
+SCRIPT = REPO / "scripts" / "sanitize.py"
 _spec = importlib.util.spec_from_file_location("sanitize_script", SCRIPT)
 sanitize = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = sanitize  # dataclasses look their module up while it loads
