@@ -67,7 +67,8 @@ echo "== sanitize: CPU, randomized and adversarial suites"
 # pytest's default (fd) capture would swallow it with the dying test's output.
 # pytest's faulthandler then names the test that aborted.
 (cd tests && "$venv/bin/python" -m pytest -q -p no:cacheprovider --capture=sys \
-    test_cpu_sc_attention.py test_adversarial.py test_randomized.py test_routing.py test_sc_attention.py test_errors.py \
+    kernels/test_cpu_sc_attention.py kernels/test_adversarial.py kernels/test_randomized.py kernels/test_routing.py \
+    kernels/test_sc_attention.py kernels/test_errors.py \
     -k "cpu" "$@")
 unset LD_PRELOAD
 echo "== sanitize leg passed in $((SECONDS - start)) s"

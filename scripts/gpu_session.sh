@@ -106,7 +106,7 @@ phase_tests() {
   local par=()
   "$py" -c "import xdist" 2>/dev/null && par=(-n 4)
   run "${PYTEST[@]}" "${par[@]}" --junitxml="$work/tests.xml" --maxfail=25 \
-    tests/test_cuda_sc_attention.py tests/test_triton_sc_attention.py tests/test_sc_attention.py tests/test_routing.py \
+    tests/kernels/test_cuda_sc_attention.py tests/kernels/test_triton_sc_attention.py tests/kernels/test_sc_attention.py tests/kernels/test_routing.py \
     -k "(gpu or cuda or triton) and not float32 and not float64 and not torch_compile and not emulated"
 }
 
@@ -114,7 +114,7 @@ phase_sanitize() {
   # Per kernel: forward and backward (output-only gradient, three small ragged/view/
   # empty-cond cases), mask_to_indices + gather + scatter (split then restore), merge.
   run "$py" scripts/sanitize.py --timeout 30 --report "$work/sanitize.md" -- \
-    tests/test_sc_attention.py tests/test_routing.py -p no:cacheprovider -q \
+    tests/kernels/test_sc_attention.py tests/kernels/test_routing.py -p no:cacheprovider -q \
     -k "(cuda or triton) and (test_dense_output_only_gradient or (test_split_then_restore_is_identity and bfloat16) or (test_merge_equals_gathering_the_union and bfloat16))"
 }
 

@@ -41,53 +41,53 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module -> (source path, test selections: each one pytest invocation, all must pass)
 MODULES = {
-    "validation": ("enat_kernels/_validation.py", ["tests/test_errors.py tests/test_boundaries.py"]),
-    "dispatch": ("enat_kernels/_dispatch.py", ["tests/test_boundaries.py tests/test_errors.py tests/test_foundation.py"]),
+    "validation": ("enat_kernels/_validation.py", ["tests/kernels/test_errors.py tests/kernels/test_boundaries.py"]),
+    "dispatch": ("enat_kernels/_dispatch.py", ["tests/kernels/test_boundaries.py tests/kernels/test_errors.py tests/package/test_extension_loading.py"]),
     "routing": ("enat_kernels/routing.py", [
-        "tests/test_routing.py -k 'torch or cpu' tests/test_boundaries.py tests/test_errors.py"]),
+        "tests/kernels/test_routing.py -k 'torch or cpu' tests/kernels/test_boundaries.py tests/kernels/test_errors.py"]),
     "reference": ("enat_kernels/reference.py", [
-        "tests/test_reference.py -k 'not gradcheck or ragged'",
-        "tests/test_errors.py -k unchecked",
-        "tests/test_sc_attention.py -k 'torch and (float32 or float16) and not head_dim'",
-        "tests/test_routing.py -k torch"]),
+        "tests/kernels/test_reference.py -k 'not gradcheck or ragged'",
+        "tests/kernels/test_errors.py -k unchecked",
+        "tests/kernels/test_sc_attention.py -k 'torch and (float32 or float16) and not head_dim'",
+        "tests/kernels/test_routing.py -k torch"]),
     "attention": ("enat_kernels/attention.py", [
-        "tests/test_errors.py tests/test_boundaries.py",
-        "tests/test_sc_attention.py -k 'cpu and not head_dim and not bfloat16 and not float64'"]),
-    "model": ("enat/model.py", ["tests/test_enat_model.py", "tests/test_enat_backends.py -k cpu"]),
-    "sampler": ("enat/sampler.py", ["tests/test_sampler_decisions.py",
-                                    "tests/test_enat_sampler.py -k 'schedule or visible or guidance or per_row'"]),
+        "tests/kernels/test_errors.py tests/kernels/test_boundaries.py",
+        "tests/kernels/test_sc_attention.py -k 'cpu and not head_dim and not bfloat16 and not float64'"]),
+    "model": ("enat/model.py", ["tests/enat/test_enat_model.py", "tests/enat/test_enat_backends.py -k cpu"]),
+    "sampler": ("enat/sampler.py", ["tests/enat/test_sampler_decisions.py",
+                                    "tests/enat/test_enat_sampler.py -k 'schedule or visible or guidance or per_row'"]),
 }
 
 # Hand-written mutants: (name, file, original text, mutated text, test selection).
 # The six that once survived the whole suite, plus a few more of the same kind.
 NAMED = [
     ("guidance off by one (fused)", "enat/sampler.py", "torch.lerp(uncond.float(), cond.float(), 1 + g)",
-     "torch.lerp(uncond.float(), cond.float(), g)", "tests/test_sampler_decisions.py"),
+     "torch.lerp(uncond.float(), cond.float(), g)", "tests/enat/test_sampler_decisions.py"),
     ("guidance sign (reference)", "enat/sampler.py", "cond.float() + g * (cond.float() - uncond.float())",
-     "cond.float() - g * (cond.float() - uncond.float())", "tests/test_sampler_decisions.py"),
+     "cond.float() - g * (cond.float() - uncond.float())", "tests/enat/test_sampler_decisions.py"),
     ("masking noise sign flipped", "enat/sampler.py", "confidence = pick_logp + self.mask_temp",
-     "confidence = pick_logp - self.mask_temp", "tests/test_sampler_decisions.py"),
+     "confidence = pick_logp - self.mask_temp", "tests/enat/test_sampler_decisions.py"),
     ("visible tokens lose +inf confidence", "enat/sampler.py",
      "conf_full = torch.where(masking, conf_full, torch.full_like(conf_full, math.inf))", "pass",
-     "tests/test_sampler_decisions.py"),
+     "tests/enat/test_sampler_decisions.py"),
     ("duplicate index 0 accepted", "enat_kernels/_validation.py", "(s[:, 1:] >= 0)", "(s[:, 1:] > 0)",
-     "tests/test_boundaries.py"),
+     "tests/kernels/test_boundaries.py"),
     ("cu_seqlens drop of 1 accepted", "enat_kernels/_validation.py", "if lo < 0:", "if lo < -1:",
-     "tests/test_boundaries.py"),
+     "tests/kernels/test_boundaries.py"),
     ("auto selection skips cpu", "enat_kernels/_dispatch.py",
      'order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()',
-     'order = ("cuda", "triton") if dt == "cuda" else ()', "tests/test_boundaries.py"),
+     'order = ("cuda", "triton") if dt == "cuda" else ()', "tests/kernels/test_boundaries.py"),
     ("auto attention selection skips cpu", "enat_kernels/_dispatch.py",
      'else ("cpu",) if dt == "cpu" else ()\n    for name in order:\n        err = attention_error',
-     'else ()\n    for name in order:\n        err = attention_error', "tests/test_boundaries.py"),
+     'else ()\n    for name in order:\n        err = attention_error', "tests/kernels/test_boundaries.py"),
     ("attention scale D^-1", "enat_kernels/reference.py", "scale = D**-0.5", "scale = D**-1.0",
-     "tests/test_reference.py -k 'matches_formula and basic'"),
+     "tests/kernels/test_reference.py -k 'matches_formula and basic'"),
     ("shift and scale swapped", "enat/model.py",
      "shift_msa, scale_msa, shift_msa_, scale_msa_, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod",
      "scale_msa, shift_msa, shift_msa_, scale_msa_, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod",
-     "tests/test_enat_model.py -k without_reuse"),
+     "tests/enat/test_enat_model.py -k without_reuse"),
     ("head GELU tanh instead of erf", "enat/model.py", "self.gelu = nn.GELU()", 'self.gelu = nn.GELU(approximate="tanh")',
-     "tests/test_enat_model.py -k without_reuse"),
+     "tests/enat/test_enat_model.py -k without_reuse"),
 ]
 
 

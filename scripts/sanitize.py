@@ -10,7 +10,7 @@ extension build, and the sanitizer's own error lines.
 
     python scripts/sanitize.py                          # memcheck + racecheck, default tests
     python scripts/sanitize.py --tools memcheck,racecheck,synccheck,initcheck
-    python scripts/sanitize.py --report out.md -- tests/test_sc_attention.py -k cuda
+    python scripts/sanitize.py --report out.md -- tests/kernels/test_sc_attention.py -k cuda
     python scripts/sanitize.py --dry-run                # print the commands, run nothing
 
 Exit status: 0 all clean, 1 errors found (or a test failed), 2 cannot run (no GPU,
@@ -38,7 +38,7 @@ DEFAULT_TOOLS = ("memcheck", "racecheck")
 # compile and 2**31-element tests add little here and take long under a sanitizer.
 DEFAULT_PYTEST_ARGS = (
     "tests", "-k", "cuda or triton", "-p", "no:cacheprovider", "-q",
-    "--ignore=tests/test_compile.py", "--ignore=tests/test_large_index.py",
+    "--ignore=tests/kernels/test_compile.py", "--ignore=tests/kernels/test_large_index.py",
 )
 # No --leak-check: PyTorch keeps library workspaces until exit, which it reports as leaks.
 TOOL_FLAGS = {

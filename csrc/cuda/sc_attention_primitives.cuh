@@ -9,7 +9,7 @@
 //   its PTX ISA description and checks bounds, alignment and shared-memory races.  The
 //   kernel bodies (sc_attention_kernels.cuh) compile unchanged against either, so the
 //   fragment layouts and index math are tested on machines without a GPU
-//   (tests/test_cuda_sc_attention.py).
+//   (tests/kernels/test_cuda_sc_attention.py).
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
 // type"), with g = lane / 4, t = lane % 4, low 16 bits holding the first element:

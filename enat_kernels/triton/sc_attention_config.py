@@ -11,7 +11,7 @@ Why these sizes.  They have not been timed on a GPU yet (none was available); th
 were checked by compiling every entry ahead of time for sm_90 and sm_80 and reading
 ptxas's report: no register spills for float16 and bfloat16 at head_dim 32, 64 and
 128 with both ends of the supported Triton range (3.6 and 3.8), wgmma on Hopper,
-pipelined cp.async loads and 16-byte vector loads (tests/test_triton_sc_attention.py
+pipelined cp.async loads and 16-byte vector loads (tests/kernels/test_triton_sc_attention.py
 keeps checking a few entries this way, including the one that is tightest: sm_80,
 bfloat16, head_dim 128, where a 64-query forward needs 255 registers and spills on
 Triton 3.6, so that entry uses 32 queries per program).
@@ -48,7 +48,7 @@ it does not depend on the lengths: head_dim is a multiple of 16, so a head strid
 token stride (H*D, or a multiple of it for a fused projection view) and batch stride
 (N*H*D) keep the same divisibility whatever N is.  The remaining variants come from
 the API, not from lengths: dense or packed, with or without cond_lens / self_lens /
-dlse.  tests/test_triton_sc_attention.py computes Triton's own specialization key of
+dlse.  tests/kernels/test_triton_sc_attention.py computes Triton's own specialization key of
 real launches at different lengths and checks it does not change.
 """
 

@@ -1,5 +1,5 @@
 """Each fused backend's ENAT (kernels + the fused path's GEMM/LayerNorm restructuring)
-against the reference backend, by the flash-attn rule of tests/tolerances.py: the
+against the reference backend, by the flash-attn rule of tests/support/tolerances.py: the
 float32 error against the float64 reference must stay within a small multiple of the
 error the float32 reference itself makes.
 

@@ -3,7 +3,7 @@
 Inputs are the token maps of a real sampling trajectory; each step is checked without
 reuse and with reuse (chained through `prev`), in float32, max abs difference < 1e-4.
 The model's label embeddings and adaLN parameters are of order one
-(tests/enat_models.py), so labels, gates and the attention matter; guard tests below
+(tests/support/enat_models.py), so labels, gates and the attention matter; guard tests below
 check that a deliberately wrong direct model misses by a wide margin.
 """
 

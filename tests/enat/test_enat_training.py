@@ -43,7 +43,7 @@ def draw_with(gen, rows, L, *, per_row, reuse):
 
 
 def direct_loss(model, cond_model, tokens, labels, masking, prev_masking, eps):
-    """The published step's loss, written out on tests/enat_direct.py (equal counts per row)."""
+    """The published step's loss, written out on tests/support/enat_direct.py (equal counts per row)."""
     c = model.config
     direct = DirectENAT(model.state_dict(), c.depth_enc, c.depth_dec, c.heads, c.codebook_size)
     prev = None
@@ -102,7 +102,7 @@ def loss_and_grads(model, backend, dtype, tokens, labels, d, cond_model):
 @pytest.mark.parametrize("reuse", [False, True], ids=["no-reuse", "reuse"])
 def test_fused_loss_and_gradients_within_pytorch_error(per_row, reuse, gen, poison):
     """The cpu backend's loss and every parameter's gradient against the float64 torch path,
-    within a small multiple of the float32 torch path's own error (tests/tolerances.py)."""
+    within a small multiple of the float32 torch path's own error (tests/support/tolerances.py)."""
     model, ema = build(), build(seed=5)
     tokens, labels = batch(model, 4, gen)
     d = draw_with(gen, 4, model.config.tokens, per_row=per_row, reuse=reuse)

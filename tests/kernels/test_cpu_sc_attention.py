@@ -1,6 +1,6 @@
 """The CPU SC-Attention kernels (csrc/cpu/sc_attention*): checks beyond the shared suite.
 
-tests/test_sc_attention.py runs the cpu backend on the shared cases.  Here: the op
+tests/kernels/test_sc_attention.py runs the cpu backend on the shared cases.  Here: the op
 registrations (torch.library.opcheck), finite-difference gradients in float64
 (gradcheck), shapes large enough for several query blocks and key tiles, lengths
 out of range (clamped, never read out of bounds), bitwise determinism across runs and

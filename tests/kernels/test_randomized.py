@@ -1,7 +1,7 @@
 """Randomized tests (hypothesis): every available backend against an oracle.
 
 SC-Attention (dense and packed) is compared with the float64 reference under the
-accuracy rule of tests/tolerances.py, forward and backward, over random shapes (empty
+accuracy rule of tests/support/tolerances.py, forward and backward, over random shapes (empty
 ones included), ragged lengths, scales, dtypes, head_dims the backend supports, and
 memory layouts: slices of a fused projection, transposed-then-viewed tensors,
 batch-broadcast cond segments, token slices of longer buffers; all keep unit stride on
@@ -51,7 +51,7 @@ def _scale(data, D: int):
     Not larger: flash-attention-style backwards compute delta = rowsum(dO * O) where
     PyTorch's softmax backward uses rowsum(P * dP); for a row with one key PyTorch's
     dq is then exactly 0 and a fused kernel's is a rounding residue that grows with
-    the scale, which the accuracy rule's absolute floor (tests/tolerances.py) covers
+    the scale, which the accuracy rule's absolute floor (tests/support/tolerances.py) covers
     only up to about the default scale in float32 (measured: Triton, D = 64, one key,
     dq error 1.9e-6 at scale 0.125, 1.5e-5 at scale 1.0).
     """

@@ -37,11 +37,11 @@ def test_dry_run_lists_every_phase_in_order(tmp_path):
     assert [h[0] for h in headers] == PHASES
     commands = [line[2:] for line in res.stdout.splitlines() if line.startswith("+ ")]
     assert "pip install --no-build-isolation" in commands[0] and "TORCH_CUDA_ARCH_LIST=" in commands[0]
-    tests = next(c for c in commands if "tests/test_cuda_sc_attention.py" in c)
+    tests = next(c for c in commands if "tests/kernels/test_cuda_sc_attention.py" in c)
     for c in [tests] + [c for c in commands if "benchmarks/bench_" in c]:
         assert " -P -m pytest" in c, c  # the installed package, not the uncompiled source tree
     files = [t for t in tests.split() if t.startswith("tests/")]
-    assert {"tests/test_sc_attention.py", "tests/test_triton_sc_attention.py", "tests/test_routing.py"} <= set(files)
+    assert {"tests/kernels/test_sc_attention.py", "tests/kernels/test_triton_sc_attention.py", "tests/kernels/test_routing.py"} <= set(files)
     bench = " ".join(c for c in commands if "benchmarks/" in c)
     for name in files + ["benchmarks/bench_sc_attention.py", "benchmarks/bench_routing.py", "benchmarks/bench_sampling.py"]:
         assert os.path.exists(os.path.join(ROOT, name)), name  # a renamed file must not drop out silently

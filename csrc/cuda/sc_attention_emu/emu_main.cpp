@@ -1,7 +1,7 @@
 // Runs the SC-Attention kernel bodies (sc_attention_kernels.cuh) on the host through the
 // emulated primitives of emu_primitives.h: every block in turn, one fiber per CUDA
 // thread.  A test tool, not part of the extension (setup.py compiles only the files
-// directly in csrc/cuda/); tests/test_cuda_sc_attention.py builds and drives it.
+// directly in csrc/cuda/); tests/kernels/test_cuda_sc_attention.py builds and drives it.
 //
 // Usage: sc_attn_emu DIR
 //   DIR/spec.txt    one "key value..." per line: op (fwd|bwd), dtype (f16|bf16), head_dim,

@@ -1,6 +1,6 @@
 // Host emulation of the primitives of sc_attention_primitives.cuh, for testing the
 // SC-Attention kernel bodies without a GPU (included there when ENAT_SC_ATTN_EMULATE is
-// defined; built by tests/test_cuda_sc_attention.py with a plain C++ compiler).
+// defined; built by tests/kernels/test_cuda_sc_attention.py with a plain C++ compiler).
 //
 // Every CUDA thread of a block is a cooperative fiber (ucontext) of one OS thread; a
 // fiber runs until it waits at a barrier, so execution is deterministic.  Each
