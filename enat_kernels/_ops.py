@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension
+from . import _extension, _op_checks
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -25,33 +25,39 @@ from . import _extension
 
 def sc_attn_fwd_shapes(q: torch.Tensor):
     """(out shape, lse shape, lse dtype) of SC-Attention for dense or packed q."""
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if q.dim() == 4:
-        B, N, H, _ = q.shape
-        return q.shape, (B, H, N), lse_dtype
-    T, H, _ = q.shape
-    return q.shape, (H, T), lse_dtype
+    return q.shape, _op_checks.lse_shape(q), _op_checks.lse_dtype(q)
+
+
+# The fakes check what the C++ ops check (_op_checks.py), so a bad call fails while
+# tracing as it would fail eagerly.
 
 
 def sc_attn_fwd_fake(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale):
+    _op_checks.sc_attention_inputs(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond,
+                                   max_seqlen_q, max_seqlen_cond)
     out_shape, lse_shape, lse_dtype = sc_attn_fwd_shapes(q)
     return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=lse_dtype)
 
 
 def sc_attn_bwd_fake(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale):
+    _op_checks.sc_attention_backward_inputs(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_lens, self_lens,
+                                            cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond)
     return tuple(t.new_empty(t.shape) for t in (q, k_cond, v_cond, k_self, v_self))
 
 
 def mask_to_indices_fake(mask, count):
+    _op_checks.mask_to_indices_inputs(mask, count)
     B = mask.shape[0]
     return mask.new_empty((B, count), dtype=torch.int64), mask.new_empty((B,), dtype=torch.int32)
 
 
 def gather_rows_fake(x, idx):
+    _op_checks.gather_rows_inputs(x, idx)
     return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
 
 
 def scatter_rows_fake(a, idx_a, b, idx_b, seq_len):
+    _op_checks.scatter_rows_inputs(a, idx_a, b, idx_b, seq_len)
     return a.new_empty((a.shape[0], seq_len, a.shape[2]))
 
 

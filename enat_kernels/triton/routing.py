@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .. import _ops
+from .. import _op_checks, _ops
 from . import launch
 
 # Words a row is moved in, widest first.
@@ -161,24 +161,12 @@ def _launch(kernel, device: torch.device, launch_args) -> None:
         launch(kernel, grid, device, **kwargs)
 
 
-def _check_rows(name: str, x: torch.Tensor, idx: torch.Tensor, batch) -> None:
-    """The metadata the kernels rely on for memory safety (the C++ ops check the same):
-    the public API guarantees it, a direct call of the op may not."""
-    torch._check(x.dim() == 3 and x.is_contiguous(), lambda: f"{name} must be a contiguous (B, L, C) tensor")
-    torch._check(
-        idx.dtype == torch.int64 and idx.dim() == 2 and idx.is_contiguous() and idx.shape[0] == batch,
-        lambda: f"the indices of {name} must be a contiguous int64 (B, N) tensor",
-    )
-    torch._check(x.device == idx.device, lambda: f"{name} and its indices must be on one device")
-
-
 # ----------------------------------------------------------------------------- ops
 
 
 @triton_op("enat_kernels::triton_mask_to_indices", mutates_args=())
 def mask_to_indices(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    torch._check(mask.dtype == torch.bool and mask.dim() == 2 and mask.is_contiguous(), lambda: "mask must be a contiguous bool (B, L) tensor")
-    torch._check(count >= 0, lambda: "count must be non-negative")
+    _op_checks.mask_to_indices_inputs(mask, count)
     B = mask.shape[0]
     indices = mask.new_empty((B, count), dtype=torch.int64)
     lens = mask.new_empty((B,), dtype=torch.int32)
@@ -188,7 +176,7 @@ def mask_to_indices(mask: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
 
 @triton_op("enat_kernels::triton_gather_rows", mutates_args=())
 def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    _check_rows("x", x, idx, x.shape[0])
+    _op_checks.gather_rows_inputs(x, idx)
     out = x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
     _launch(_copy_rows_kernel, x.device, copy_rows_launch(out, x, idx, x.shape[1], idx.shape[1], scatter=False))
     return out
@@ -198,15 +186,7 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def scatter_rows(
     a: torch.Tensor, idx_a: torch.Tensor, b: torch.Tensor | None, idx_b: torch.Tensor | None, seq_len: int
 ) -> torch.Tensor:
-    _check_rows("a", a, idx_a, a.shape[0])
-    torch._check(idx_a.shape[1] == a.shape[1], lambda: "idx_a must have one entry per row of a")
-    torch._check((b is None) == (idx_b is None), lambda: "b and idx_b must both be given or both be None")
-    if b is not None and idx_b is not None:
-        _check_rows("b", b, idx_b, a.shape[0])
-        torch._check(
-            b.dtype == a.dtype and b.device == a.device and b.shape[2] == a.shape[2] and idx_b.shape[1] == b.shape[1],
-            lambda: "b must match a in dtype, device and row size, and idx_b must have one entry per row of b",
-        )
+    _op_checks.scatter_rows_inputs(a, idx_a, b, idx_b, seq_len)
     out = a.new_zeros((a.shape[0], seq_len, a.shape[2]))
     _launch(_copy_rows_kernel, a.device, copy_rows_launch(out, a, idx_a, a.shape[1], seq_len, scatter=True))
     if b is not None and idx_b is not None:

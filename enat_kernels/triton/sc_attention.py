@@ -28,7 +28,7 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op
 from triton.runtime.interpreter import InterpretedFunction
 
-from .. import _ops
+from .. import _op_checks, _ops
 from . import launch
 from .sc_attention_config import backward_config, forward_config
 from .sc_attention_kernels import (
@@ -170,7 +170,7 @@ def _check_supported(q: torch.Tensor) -> None:
 
 # The schemas are inferred from the annotations (torch before 2.14 ignores triton_op's
 # schema= argument), so one schema holds on every supported torch; their argument lists
-# are those of csrc/schema.cpp (tests/test_triton_sc_attention.py checks they match).
+# are those of csrc/schema.cpp (tests/kernels/test_triton_sc_attention.py checks they match).
 Tensor = torch.Tensor
 OptTensor = torch.Tensor | None
 
@@ -179,6 +179,8 @@ OptTensor = torch.Tensor | None
 def sc_attn_fwd(q: Tensor, k_cond: Tensor, v_cond: Tensor, k_self: Tensor, v_self: Tensor,
                 cond_lens: OptTensor, self_lens: OptTensor, cu_seqlens_q: OptTensor, cu_seqlens_cond: OptTensor,
                 max_seqlen_q: int, max_seqlen_cond: int, scale: float) -> tuple[Tensor, Tensor]:
+    _op_checks.sc_attention_inputs(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q,
+                                   cu_seqlens_cond, max_seqlen_q, max_seqlen_cond)
     _check_supported(q)
     out_shape, lse_shape, lse_dtype = _ops.sc_attn_fwd_shapes(q)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -198,6 +200,8 @@ def sc_attn_bwd(dout: Tensor, dlse: OptTensor, q: Tensor, k_cond: Tensor, v_cond
                 v_self: Tensor, out: Tensor, lse: Tensor, cond_lens: OptTensor, self_lens: OptTensor,
                 cu_seqlens_q: OptTensor, cu_seqlens_cond: OptTensor, max_seqlen_q: int, max_seqlen_cond: int,
                 scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _op_checks.sc_attention_backward_inputs(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_lens,
+                                            self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond)
     _check_supported(q)
     inputs = (q, k_cond, v_cond, k_self, v_self)
     if (max_seqlen_q if q.dim() == 3 else q.shape[1]) == 0 or q.numel() == 0:
