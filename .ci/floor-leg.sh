@@ -73,6 +73,7 @@ PY
 echo "== floor: tests (Triton under TRITON_INTERPRET=1, code generation, CPU, routing)"
 TRITON_INTERPRET=1 pytest -q -rs -p no:cacheprovider -m "not slow" \
   tests/package/test_extension_loading.py tests/package/test_kernel_image_probe.py tests/package/test_build_backend.py \
-  tests/kernels/test_triton_sc_attention.py tests/kernels/test_cpu_sc_attention.py tests/kernels/test_routing.py
+  tests/kernels/test_sc_attention_module.py tests/kernels/test_triton_sc_attention.py \
+  tests/kernels/test_cpu_sc_attention.py tests/kernels/test_routing.py
 
 echo "== floor leg passed in $((SECONDS - start)) s"
