@@ -14,7 +14,7 @@
 # the default list's compile time (the newest leg compiles the full default list).
 #
 # Tests, a documented subset (the newest leg runs the whole suite): the loader, the
-# backend report and selection, the build backend, the Triton suite under
+# backend report and selection, the build backend, the SCAttention module, the Triton suite under
 # TRITON_INTERPRET=1 with the Triton code-generation tests for sm_80/sm_90, the CPU
 # attention suite and the routing tests (every backend).  The slow-marked cases are
 # left to the newest leg.
