@@ -8,7 +8,6 @@
 - backends: which device each backend's tests run on, and skipping a backend that
   cannot run an op here.
 - unowned_rows: packed inputs with rows no sequence owns, and what those rows must hold.
-- fake_metadata: the table of bad-metadata inputs the ops must reject on real and fake tensors.
 - triton_jit: Triton specialization keys of a launch, computed without a GPU.
 - enat_models: random ENAT models whose outputs react to labels and attention.
 - enat_direct: a direct implementation of ENAT_SPEC.md, sharing no code with enat/.
