@@ -57,21 +57,24 @@ def _i32(*values):
     return torch.tensor(values, dtype=torch.int32)
 
 
+def _override(args: dict, over: dict, gen) -> dict:
+    """args with the entries of `over` replacing theirs (a callable is called with gen)."""
+    return {**args, **{k: v(gen) if callable(v) else v for k, v in over.items()}}
+
+
 def dense(gen, **over):
     """Arguments of sc_attn_fwd, dense form, with `over` replacing some of them."""
     args = dict(q=_rnd(gen, B, N, H, D), k_cond=_rnd(gen, B, NC, H, D), v_cond=_rnd(gen, B, NC, H, D),
                 k_self=_rnd(gen, B, N, H, D), v_self=_rnd(gen, B, N, H, D), cond_lens=_i32(3, 1), self_lens=_i32(5, 2),
                 cu_seqlens_q=None, cu_seqlens_cond=None, max_seqlen_q=N, max_seqlen_cond=NC, scale=D**-0.5)
-    args.update({k: v(gen) if callable(v) else v for k, v in over.items()})
-    return args
+    return _override(args, over, gen)
 
 
 def packed(gen, **over):
     args = dict(q=_rnd(gen, T, H, D), k_cond=_rnd(gen, TC, H, D), v_cond=_rnd(gen, TC, H, D),
                 k_self=_rnd(gen, T, H, D), v_self=_rnd(gen, T, H, D), cond_lens=None, self_lens=None,
                 cu_seqlens_q=_i32(0, 3, 7), cu_seqlens_cond=_i32(0, 4, 4), max_seqlen_q=4, max_seqlen_cond=4, scale=0.3)
-    args.update({k: v(gen) if callable(v) else v for k, v in over.items()})
-    return args
+    return _override(args, over, gen)
 
 
 def backward(gen, **over):
@@ -82,8 +85,7 @@ def backward(gen, **over):
                 lse=_rnd(gen, B, H, N))
     args.update({k: fwd[k] for k in ("cond_lens", "self_lens", "cu_seqlens_q", "cu_seqlens_cond", "max_seqlen_q",
                                      "max_seqlen_cond", "scale")})
-    args.update({k: v(gen) if callable(v) else v for k, v in over.items()})
-    return args
+    return _override(args, over, gen)
 
 
 def _mask(gen, *shape):
@@ -96,21 +98,18 @@ def _idx(*rows):
 
 def mask_args(gen, **over):
     args = dict(mask=_mask(gen, B, 6), count=3)
-    args.update({k: v(gen) if callable(v) else v for k, v in over.items()})
-    return args
+    return _override(args, over, gen)
 
 
 def gather_args(gen, **over):
     args = dict(x=_rnd(gen, B, 6, 4), idx=_idx([0, 2, -1], [5, 1, 3]))
-    args.update({k: v(gen) if callable(v) else v for k, v in over.items()})
-    return args
+    return _override(args, over, gen)
 
 
 def scatter_args(gen, **over):
     args = dict(a=_rnd(gen, B, 2, 4), idx_a=_idx([0, 3], [1, -1]), b=_rnd(gen, B, 3, 4), idx_b=_idx([1, 2, 4], [0, 2, 3]),
                 seq_len=6)
-    args.update({k: v(gen) if callable(v) else v for k, v in over.items()})
-    return args
+    return _override(args, over, gen)
 
 
 def _strided(*shape):
