@@ -217,8 +217,8 @@ def test_fake_refuses_what_the_cpu_op_refuses(case, op_name, build, over, varian
         if expected is None and op_name in ROUTING_OPS and _interpreting():
             # Under the interpreter the Triton routing ops have no fake of their own: their
             # body runs the kernels even on fake tensors.  A bad call is refused before any
-            # launch (the rows below); the valid call traces in test_routing.py's
-            # test_triton_ops_trace_without_the_interpreter, in a process without the interpreter.
+            # launch (the other rows); tracing a valid call is test_routing.py's
+            # test_triton_ops_trace_without_the_interpreter (where Triton can trace).
             pytest.skip("Triton routing ops do not trace under the interpreter")
     else:
         op, device = getattr(OPS, op_name), variant
