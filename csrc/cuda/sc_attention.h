@@ -41,12 +41,12 @@ cudaError_t sc_attn_bwd_hdim(const ScAttnBwdParams& p, AttnDtype dtype, cudaStre
 // The explicit instantiation of one launcher, for the generated per-variant translation
 // units (build_backend/cuda_variants.py writes them).  Declared `extern` here for every
 // listed head_dim, so no other translation unit instantiates them again.
-#define ENAT_SC_ATTN_FWD_INSTANCE(D)                                                           \
-  template cudaError_t enat_kernels::cuda::sc_attn_fwd_hdim<D>(const enat_kernels::cuda::ScAttnFwdParams&, \
-                                                               enat_kernels::cuda::AttnDtype, cudaStream_t);
-#define ENAT_SC_ATTN_BWD_INSTANCE(D)                                                           \
-  template cudaError_t enat_kernels::cuda::sc_attn_bwd_hdim<D>(const enat_kernels::cuda::ScAttnBwdParams&, \
-                                                               enat_kernels::cuda::AttnDtype, cudaStream_t);
+#define ENAT_SC_ATTN_FWD_INSTANCE(D)                                                       \
+  template cudaError_t enat_kernels::cuda::sc_attn_fwd_hdim<D>(                            \
+      const enat_kernels::cuda::ScAttnFwdParams&, enat_kernels::cuda::AttnDtype, cudaStream_t);
+#define ENAT_SC_ATTN_BWD_INSTANCE(D)                                                       \
+  template cudaError_t enat_kernels::cuda::sc_attn_bwd_hdim<D>(                            \
+      const enat_kernels::cuda::ScAttnBwdParams&, enat_kernels::cuda::AttnDtype, cudaStream_t);
 #define ENAT_SC_ATTN_X(D) extern ENAT_SC_ATTN_FWD_INSTANCE(D) extern ENAT_SC_ATTN_BWD_INSTANCE(D)
 ENAT_SC_ATTN_HEAD_DIMS(ENAT_SC_ATTN_X)
 #undef ENAT_SC_ATTN_X

@@ -52,15 +52,9 @@ struct ElementTag {
   using type = E;
 };
 
-inline constexpr bool sc_attn_supported(int head_dim) {
-#define ENAT_SC_ATTN_X(d) head_dim == d ||
-  return ENAT_SC_ATTN_HEAD_DIMS(ENAT_SC_ATTN_X) false;
-#undef ENAT_SC_ATTN_X
-}
-
 // f(std::integral_constant<int, D>{}) for a listed head_dim D, else `unsupported`.
 template <class R, class F>
-R with_head_dim(int head_dim, R unsupported, F&& f) {
+constexpr R with_head_dim(int head_dim, R unsupported, F&& f) {
   switch (head_dim) {
 #define ENAT_SC_ATTN_X(d) \
   case d:                 \
@@ -75,7 +69,7 @@ R with_head_dim(int head_dim, R unsupported, F&& f) {
 // f(ElementTag<E>{}) for the element type E of a listed dtype, else `unsupported` (an
 // AttnDtype value outside the list never falls through to another dtype's kernels).
 template <class R, class F>
-R with_dtype(AttnDtype dtype, R unsupported, F&& f) {
+constexpr R with_dtype(AttnDtype dtype, R unsupported, F&& f) {
   switch (dtype) {
 #define ENAT_SC_ATTN_X(key, elem, name, scalar) \
   case AttnDtype::key:                          \
@@ -85,6 +79,21 @@ R with_dtype(AttnDtype dtype, R unsupported, F&& f) {
   }
   return unsupported;
 }
+
+constexpr bool sc_attn_supported(int head_dim) {
+  return with_head_dim(head_dim, false, [](auto) { return true; });
+}
+
+// Compile-time checks of the dispatch: each listed value reaches its own variant, and a
+// value outside the lists reaches none.
+#define ENAT_SC_ATTN_X(d)                                                                   \
+  static_assert(with_head_dim(d, 0, [](auto k) { return int(decltype(k)::value); }) == d, \
+                "head_dim dispatch");
+ENAT_SC_ATTN_HEAD_DIMS(ENAT_SC_ATTN_X)
+#undef ENAT_SC_ATTN_X
+static_assert(!sc_attn_supported(0), "an unlisted head_dim runs nothing");
+static_assert(!with_dtype(static_cast<AttnDtype>(-1), false, [](auto) { return true; }),
+              "an AttnDtype value outside the list runs nothing");
 
 // The dtype of a torch name ("float16"); false when it is not listed.
 inline bool attn_dtype_from_name(const char* name, AttnDtype* dtype) {

@@ -91,10 +91,6 @@ class BackwardConfig:
     dot_precision: str
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit dots
-
-
 # Tiles of the 16-bit dtypes (tensor-core dots; float16 and bfloat16 share them).
 # (family, head_dim) -> (forward: block_m, block_n, num_warps, num_stages;
 #   backward: dkdv_block_n, dkdv_block_m, dkdv_warps, dq_block_m, dq_block_n, dq_warps, num_stages)
@@ -117,21 +113,24 @@ def _tiles_fp32(family: str, head_dim: int) -> tuple:
     return (32, 32, warps, 2), (32, 32, warps, 32, 32, warps, 1)
 
 
-# dtype -> its tiles for (family, head_dim); one entry per listed dtype, no default, so
-# a new dtype needs an explicit choice.
-_TILES_BY_DTYPE = {
-    torch.float16: lambda family, head_dim: _TILES_16BIT[family, head_dim],
-    torch.bfloat16: lambda family, head_dim: _TILES_16BIT[family, head_dim],
-    torch.float32: _tiles_fp32,
-}
+def _tiles_16bit(family: str, head_dim: int) -> tuple:
+    return _TILES_16BIT[family, head_dim]
+
+
+# Per listed dtype, no default (a new dtype needs an explicit choice): its tiles for
+# (family, head_dim), and the tl.dot input precision ("tf32" is ignored for 16-bit dots).
+_TILES_BY_DTYPE = {torch.float16: _tiles_16bit, torch.bfloat16: _tiles_16bit, torch.float32: _tiles_fp32}
+_DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}
 
 
 def _tables() -> tuple[dict, dict]:
     """(family, head_dim, dtype) -> forward / backward tiles, for exactly the listed variants."""
-    for table, keys in ((_TILES_16BIT, set(product(FAMILIES, HEAD_DIMS))), (_TILES_BY_DTYPE, set(DTYPES))):
+    listed = {"_TILES_16BIT": (_TILES_16BIT, set(product(FAMILIES, HEAD_DIMS))),
+              "_TILES_BY_DTYPE": (_TILES_BY_DTYPE, set(DTYPES)), "_DOT_PRECISION": (_DOT_PRECISION, set(DTYPES))}
+    for name, (table, keys) in listed.items():
         if set(table) != keys:
-            raise RuntimeError(f"sc_attention_config: tile entries missing for {keys - set(table)}, "
-                               f"not listed: {set(table) - keys}")
+            raise RuntimeError(f"sc_attention_config.{name}: entries missing for {keys - set(table)}, "
+                               f"entries not in the list: {set(table) - keys}")
     forward, backward = {}, {}
     for family, head_dim, dtype in product(FAMILIES, HEAD_DIMS, DTYPES):
         forward[family, head_dim, dtype], backward[family, head_dim, dtype] = _TILES_BY_DTYPE[dtype](family, head_dim)
@@ -175,9 +174,9 @@ def _key(device: torch.device, head_dim: int, dtype: torch.dtype):
 
 def forward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> ForwardConfig:
     """The forward kernel's configuration; never depends on sequence lengths."""
-    return ForwardConfig(*_FORWARD[_key(device, head_dim, dtype)], _precision(dtype))
+    return ForwardConfig(*_FORWARD[_key(device, head_dim, dtype)], _DOT_PRECISION[dtype])
 
 
 def backward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     """The backward kernels' configuration; never depends on sequence lengths."""
-    return BackwardConfig(*_BACKWARD[_key(device, head_dim, dtype)], _precision(dtype))
+    return BackwardConfig(*_BACKWARD[_key(device, head_dim, dtype)], _DOT_PRECISION[dtype])
