@@ -26,6 +26,7 @@ Build flags (environment variables):
 import glob
 import os
 import shutil
+import sys
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported and otherwise guesses
 # from the nvcc on PATH, which gives /usr/local on some machines and fails to link.
@@ -38,6 +39,14 @@ from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+sys.path.insert(0, os.path.join(HERE, "build_backend"))
+import cuda_variants  # noqa: E402  (the variant list of csrc/cuda/sc_attention_variants.h)
+
+sys.path.pop(0)
+CUDA_HEAD_DIMS, CUDA_DTYPES = cuda_variants.read_variants()
+# One translation unit per (pass, head_dim), written from the list (see cuda_variants.py).
+GENERATED_CUDA_DIR = os.path.join(HERE, "build", "generated", "cuda")
 
 
 def _flag(name: str) -> bool:
@@ -108,7 +117,11 @@ if cuda_reason is None:
     ext_modules.append(
         cpp_extension.CUDAExtension(
             "enat_kernels._C_cuda",
-            _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))),
+            _rel(
+                glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp"))
+                + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu"))
+                + cuda_variants.write_sources(GENERATED_CUDA_DIR, CUDA_HEAD_DIMS)
+            ),
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args={"cxx": opt + ["-Wno-unused-parameter"], "nvcc": nvcc_flags},
         )
@@ -127,6 +140,9 @@ def _write_build_info():
         f.write(f"CUDA_BUILT = {cuda_reason is None!r}\n")
         f.write(f"CUDA_SKIP_REASON = {cuda_reason!r}\n")
         f.write(f"CUDA_ARCHS = {cuda_archs!r}\n")
+        # The variants of csrc/cuda/sc_attention_variants.h (compiled when CUDA_BUILT).
+        f.write(f"CUDA_SC_ATTENTION_HEAD_DIMS = {CUDA_HEAD_DIMS!r}\n")
+        f.write(f"CUDA_SC_ATTENTION_DTYPES = {CUDA_DTYPES!r}\n")
         f.write(f"DEBUG = {DEBUG!r}\n")
         f.write(f"SANITIZE = {SANITIZE!r}\n")
 

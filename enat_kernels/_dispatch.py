@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _extension
+from . import _extension, _variants
 
 log = logging.getLogger("enat_kernels")
 if os.environ.get("ENAT_KERNELS_LOG_BACKEND", "0").lower() in ("1", "true", "yes", "on"):
@@ -47,8 +47,8 @@ class AttentionCaps:
 
 
 ATTENTION_CAPS = {
-    "triton": AttentionCaps((torch.float16, torch.bfloat16, torch.float32), (16, 32, 64, 128)),
-    "cuda": AttentionCaps((torch.float16, torch.bfloat16), (32, 64, 128)),  # sm_80+, csrc/cuda/sc_attention.h
+    "triton": AttentionCaps(_variants.TRITON_SC_ATTENTION.dtypes, _variants.TRITON_SC_ATTENTION.head_dims),
+    "cuda": AttentionCaps(_variants.CUDA_SC_ATTENTION.dtypes, _variants.CUDA_SC_ATTENTION.head_dims),  # sm_80+
     "cpu": AttentionCaps((torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
     "torch": AttentionCaps((torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 1 << 30),
 }

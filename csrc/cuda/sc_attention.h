@@ -16,7 +16,8 @@
 //   Each gradient element is written by exactly one thread: no atomics, results are
 //   bitwise reproducible run to run.
 //
-// Supported: float16 and bfloat16, head_dim 32, 64, 128, sm_80 and newer.  Inputs need
+// Supported: the dtypes and head_dims listed in sc_attention_variants.h (float16 and
+// bfloat16; head_dim 32, 64, 128), sm_80 and newer.  Inputs need
 // a 16-byte aligned base pointer and batch/token/head strides that are multiples of 8
 // elements (unit stride along head_dim); the adapter copies inputs that are not.
 #pragma once
@@ -26,7 +27,7 @@
 
 namespace enat_kernels::cuda {
 
-// Per head_dim launchers, one .cu file each (compiled in parallel).  Each returns the
+// Per head_dim launchers, one generated .cu file each (compiled in parallel).  Each returns the
 // first failing launch's cudaError_t, cudaSuccess without launching when there is no
 // work.  Stream-ordered, no host synchronization, capturable in a CUDA graph.  The
 // backward launches its two kernels on `stream` in order (dQ writes delta, dK/dV reads it).
@@ -35,34 +36,33 @@ cudaError_t sc_attn_fwd_hdim(const ScAttnFwdParams& p, AttnDtype dtype, cudaStre
 template <int D>
 cudaError_t sc_attn_bwd_hdim(const ScAttnBwdParams& p, AttnDtype dtype, cudaStream_t stream);
 
-// Defined by explicit instantiation in their own .cu files; this keeps every other
-// translation unit from instantiating them again.
-extern template cudaError_t sc_attn_fwd_hdim<32>(const ScAttnFwdParams&, AttnDtype, cudaStream_t);
-extern template cudaError_t sc_attn_fwd_hdim<64>(const ScAttnFwdParams&, AttnDtype, cudaStream_t);
-extern template cudaError_t sc_attn_fwd_hdim<128>(const ScAttnFwdParams&, AttnDtype, cudaStream_t);
-extern template cudaError_t sc_attn_bwd_hdim<32>(const ScAttnBwdParams&, AttnDtype, cudaStream_t);
-extern template cudaError_t sc_attn_bwd_hdim<64>(const ScAttnBwdParams&, AttnDtype, cudaStream_t);
-extern template cudaError_t sc_attn_bwd_hdim<128>(const ScAttnBwdParams&, AttnDtype, cudaStream_t);
+}  // namespace enat_kernels::cuda
 
-inline bool sc_attn_supported(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
+// The explicit instantiation of one launcher, for the generated per-variant translation
+// units (build_backend/cuda_variants.py writes them).  Declared `extern` here for every
+// listed head_dim, so no other translation unit instantiates them again.
+#define ENAT_SC_ATTN_FWD_INSTANCE(D)                                                       \
+  template cudaError_t enat_kernels::cuda::sc_attn_fwd_hdim<D>(                            \
+      const enat_kernels::cuda::ScAttnFwdParams&, enat_kernels::cuda::AttnDtype, cudaStream_t);
+#define ENAT_SC_ATTN_BWD_INSTANCE(D)                                                       \
+  template cudaError_t enat_kernels::cuda::sc_attn_bwd_hdim<D>(                            \
+      const enat_kernels::cuda::ScAttnBwdParams&, enat_kernels::cuda::AttnDtype, cudaStream_t);
+#define ENAT_SC_ATTN_X(D) extern ENAT_SC_ATTN_FWD_INSTANCE(D) extern ENAT_SC_ATTN_BWD_INSTANCE(D)
+ENAT_SC_ATTN_HEAD_DIMS(ENAT_SC_ATTN_X)
+#undef ENAT_SC_ATTN_X
 
-// Dispatch on head_dim; cudaErrorInvalidValue for one without kernels.
+namespace enat_kernels::cuda {
+
+// Dispatch on head_dim (the list in sc_attention_variants.h); cudaErrorInvalidValue for
+// a head_dim or dtype without kernels.
 inline cudaError_t sc_attn_fwd(const ScAttnFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: return sc_attn_fwd_hdim<32>(p, dtype, stream);
-    case 64: return sc_attn_fwd_hdim<64>(p, dtype, stream);
-    case 128: return sc_attn_fwd_hdim<128>(p, dtype, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_head_dim(p.head_dim, cudaErrorInvalidValue,
+                       [&](auto d) { return sc_attn_fwd_hdim<decltype(d)::value>(p, dtype, stream); });
 }
 
 inline cudaError_t sc_attn_bwd(const ScAttnBwdParams& p, AttnDtype dtype, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: return sc_attn_bwd_hdim<32>(p, dtype, stream);
-    case 64: return sc_attn_bwd_hdim<64>(p, dtype, stream);
-    case 128: return sc_attn_bwd_hdim<128>(p, dtype, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_head_dim(p.head_dim, cudaErrorInvalidValue,
+                       [&](auto d) { return sc_attn_bwd_hdim<decltype(d)::value>(p, dtype, stream); });
 }
 
 }  // namespace enat_kernels::cuda

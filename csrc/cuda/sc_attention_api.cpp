@@ -32,6 +32,20 @@ struct Form {
   AttnDtype dtype;
 };
 
+// The dtype key of a listed torch dtype (sc_attention_variants.h); false for any other.
+bool attn_dtype(at::ScalarType t, AttnDtype* dtype) {
+  switch (t) {
+#define ENAT_SC_ATTN_X(key, elem, name, scalar) \
+  case at::ScalarType::scalar:                  \
+    *dtype = AttnDtype::key;                    \
+    return true;
+    ENAT_SC_ATTN_DTYPES(ENAT_SC_ATTN_X)
+#undef ENAT_SC_ATTN_X
+    default:
+      return false;
+  }
+}
+
 void check_same(const at::Tensor& x, const at::Tensor& q, const char* op, const char* name) {
   TORCH_CHECK(x.device() == q.device(), op, ": ", name, " is on ", x.device(), " but q is on ", q.device());
   TORCH_CHECK(x.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", x.scalar_type(), " but q has ",
@@ -54,8 +68,9 @@ Form check_inputs(const char* op, const at::Tensor& q, const at::Tensor& kc, con
                   const at::Tensor& ks, const at::Tensor& vs, const OptTensor& cond_lens, const OptTensor& self_lens,
                   const OptTensor& cu_q, const OptTensor& cu_c, int64_t max_q, int64_t max_c) {
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor");
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-              ": the cuda backend supports float16 and bfloat16, got ", q.scalar_type());
+  Form f{};
+  TORCH_CHECK(attn_dtype(q.scalar_type(), &f.dtype), op, ": the cuda backend supports ", cuda::sc_attn_dtypes_text(),
+              ", got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 4 || q.dim() == 3, op, ": q must be (B, N, H, D) or packed (T, H, D), got shape ",
               q.sizes());
   TORCH_CHECK(q.stride(-1) == 1 || q.size(-1) <= 1 || q.numel() == 0, op, ": q must have unit stride along head_dim");
@@ -63,13 +78,11 @@ Form check_inputs(const char* op, const at::Tensor& q, const at::Tensor& kc, con
   check_same(vc, q, op, "v_cond");
   check_same(ks, q, op, "k_self");
   check_same(vs, q, op, "v_self");
-  Form f{};
   f.packed = q.dim() == 3;
   f.D = q.size(-1);
   f.H = q.size(-2);
-  f.dtype = q.scalar_type() == at::kHalf ? AttnDtype::kFloat16 : AttnDtype::kBFloat16;
-  TORCH_CHECK(cuda::sc_attn_supported(static_cast<int>(f.D)), op,
-              ": the cuda backend supports head_dim 32, 64 and 128, got ", f.D);
+  TORCH_CHECK(cuda::sc_attn_supported(static_cast<int>(f.D)), op, ": the cuda backend supports head_dim ",
+              cuda::sc_attn_head_dims_text(), ", got ", f.D);
   TORCH_CHECK(ks.sizes() == q.sizes() && vs.sizes() == q.sizes(), op,
               ": k_self and v_self must have q's shape (the self segment is the queries' own tokens)");
   TORCH_CHECK(vc.sizes() == kc.sizes(), op, ": v_cond must have k_cond's shape");

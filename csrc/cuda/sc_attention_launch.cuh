@@ -1,5 +1,5 @@
 // __global__ wrappers of the SC-Attention block bodies and their launchers, included by
-// one .cu file per head_dim (sc_attention_fwd_hdim*.cu, sc_attention_bwd_hdim*.cu).
+// one generated .cu file per (pass, head_dim) (build_backend/cuda_variants.py).
 #pragma once
 #include <atomic>
 #include <climits>
@@ -69,12 +69,16 @@ cudaError_t launch(int64_t blocks, const Params& p, cudaStream_t stream) {
 
 }  // namespace sca
 
+// The element type comes from the dtype key (sc_attention_variants.h): a dtype without
+// kernels returns cudaErrorInvalidValue and launches nothing.
 template <int D>
 cudaError_t sc_attn_fwd_hdim(const ScAttnFwdParams& p, AttnDtype dtype, cudaStream_t stream) {
   using Cfg = sca::FwdCfg<D>;
   const int64_t blocks = sca::fwd_blocks<D>(p.seqs);
-  cudaError_t err = dtype == AttnDtype::kFloat16 ? sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Fp16>>(blocks, p, stream)
-                                                 : sca::launch<Cfg, sca::fwd_kernel<Cfg, sca::Bf16>>(blocks, p, stream);
+  cudaError_t err = with_dtype(dtype, cudaErrorInvalidValue, [&](auto elem) {
+    using E = typename decltype(elem)::type;
+    return sca::launch<Cfg, sca::fwd_kernel<Cfg, E>>(blocks, p, stream);
+  });
   if (err == cudaSuccess)
     err = sca::fill_unowned_rows(sca::unowned_rows(p.seqs.cu_q, p.seqs, p.seqs.total_q, D, p.out, nullptr, nullptr, p.lse),
                                  stream);
@@ -86,14 +90,12 @@ cudaError_t sc_attn_bwd_hdim(const ScAttnBwdParams& p, AttnDtype dtype, cudaStre
   using DqCfg = sca::BwdDqCfg<D>;
   using DkvCfg = sca::BwdDkvCfg<D>;
   const int64_t dq_blocks = sca::bwd_dq_blocks<D>(p.seqs), dkv_blocks = sca::bwd_dkv_blocks<D>(p.seqs);
-  cudaError_t err;
-  if (dtype == AttnDtype::kFloat16) {
-    err = sca::launch<DqCfg, sca::bwd_dq_kernel<DqCfg, sca::Fp16>>(dq_blocks, p, stream);
-    if (err == cudaSuccess) err = sca::launch<DkvCfg, sca::bwd_dkv_kernel<DkvCfg, sca::Fp16>>(dkv_blocks, p, stream);
-  } else {
-    err = sca::launch<DqCfg, sca::bwd_dq_kernel<DqCfg, sca::Bf16>>(dq_blocks, p, stream);
-    if (err == cudaSuccess) err = sca::launch<DkvCfg, sca::bwd_dkv_kernel<DkvCfg, sca::Bf16>>(dkv_blocks, p, stream);
-  }
+  cudaError_t err = with_dtype(dtype, cudaErrorInvalidValue, [&](auto elem) {
+    using E = typename decltype(elem)::type;
+    cudaError_t e = sca::launch<DqCfg, sca::bwd_dq_kernel<DqCfg, E>>(dq_blocks, p, stream);
+    if (e == cudaSuccess) e = sca::launch<DkvCfg, sca::bwd_dkv_kernel<DkvCfg, E>>(dkv_blocks, p, stream);
+    return e;
+  });
   const SeqLayout& L = p.seqs;
   if (err == cudaSuccess)
     err = sca::fill_unowned_rows(sca::unowned_rows(L.cu_q, L, L.total_q, D, p.dq, p.dk_self, p.dv_self, nullptr), stream);

@@ -4,9 +4,9 @@
 #pragma once
 #include <cstdint>
 
-namespace enat_kernels::cuda {
+#include "cuda/sc_attention_variants.h"  // AttnDtype
 
-enum class AttnDtype { kFloat16, kBFloat16 };
+namespace enat_kernels::cuda {
 
 // Element strides of a strided input.  Packed (varlen) inputs have batch = 0.
 struct RowStrides {

@@ -55,10 +55,16 @@ real launches at different lengths and checks it does not change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 
 import torch
 
-from .. import _dispatch
+# The one list of Triton SC-Attention variants: the tables, the error text below and the
+# triton backend's capabilities (enat_kernels/_variants.py) all follow it.  A new
+# head_dim needs its tile entries in _TILES_16BIT (import fails until it has them).
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FAMILIES = ("hopper", "ampere")
 
 # Integer kernel arguments that vary with the sequence lengths (never specialized).
 NO_SPECIALIZE = ("seqlen_q", "seqlen_c", "total_q", "total_c", "stride_lb", "stride_lh")
@@ -85,39 +91,55 @@ class BackwardConfig:
     dot_precision: str
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit dots
-
-
-_16, _32 = False, True  # the "fp32?" part of a key
-
-# (family, head_dim, fp32?) -> (block_m, block_n, num_warps, num_stages)
-_FORWARD = {
-    ("hopper", 16, _16): (64, 64, 4, 3),
-    ("hopper", 32, _16): (64, 64, 4, 3),
-    ("hopper", 64, _16): (64, 64, 4, 3),
-    ("hopper", 128, _16): (64, 64, 4, 3),
-    ("ampere", 16, _16): (64, 64, 4, 3),
-    ("ampere", 32, _16): (64, 64, 4, 3),
-    ("ampere", 64, _16): (64, 64, 4, 3),
-    ("ampere", 128, _16): (32, 32, 4, 2),  # 64 queries spill on Triton 3.6 (255 registers, 4 or 8 warps)
+# Tiles of the 16-bit dtypes (tensor-core dots; float16 and bfloat16 share them).
+# (family, head_dim) -> (forward: block_m, block_n, num_warps, num_stages;
+#   backward: dkdv_block_n, dkdv_block_m, dkdv_warps, dq_block_m, dq_block_n, dq_warps, num_stages)
+_TILES_16BIT = {
+    ("hopper", 16): ((64, 64, 4, 3), (64, 32, 4, 64, 32, 4, 2)),
+    ("hopper", 32): ((64, 64, 4, 3), (64, 32, 4, 64, 32, 4, 2)),
+    ("hopper", 64): ((64, 64, 4, 3), (64, 32, 4, 64, 32, 4, 2)),
+    ("hopper", 128): ((64, 64, 4, 3), (64, 32, 8, 64, 32, 8, 2)),
+    ("ampere", 16): ((64, 64, 4, 3), (64, 32, 4, 64, 32, 4, 2)),
+    ("ampere", 32): ((64, 64, 4, 3), (64, 32, 4, 64, 32, 4, 2)),
+    ("ampere", 64): ((64, 64, 4, 3), (64, 16, 4, 64, 16, 4, 2)),
+    # 64 queries spill on Triton 3.6 (255 registers, 4 or 8 warps)
+    ("ampere", 128): ((32, 32, 4, 2), (32, 32, 8, 32, 16, 4, 2)),
 }
-# (family, head_dim, fp32?) -> (dkdv_block_n, dkdv_block_m, dkdv_warps, dq_block_m, dq_block_n, dq_warps, num_stages)
-_BACKWARD = {
-    ("hopper", 16, _16): (64, 32, 4, 64, 32, 4, 2),
-    ("hopper", 32, _16): (64, 32, 4, 64, 32, 4, 2),
-    ("hopper", 64, _16): (64, 32, 4, 64, 32, 4, 2),
-    ("hopper", 128, _16): (64, 32, 8, 64, 32, 8, 2),
-    ("ampere", 16, _16): (64, 32, 4, 64, 32, 4, 2),
-    ("ampere", 32, _16): (64, 32, 4, 64, 32, 4, 2),
-    ("ampere", 64, _16): (64, 16, 4, 64, 16, 4, 2),
-    ("ampere", 128, _16): (32, 32, 8, 32, 16, 4, 2),
-}
-for _fam in ("hopper", "ampere"):
-    for _d in (16, 32, 64, 128):
-        _warps = 4 if _d <= 32 else 8
-        _FORWARD[(_fam, _d, _32)] = (32, 32, _warps, 2)
-        _BACKWARD[(_fam, _d, _32)] = (32, 32, _warps, 32, 32, _warps, 1)
+
+
+def _tiles_fp32(family: str, head_dim: int) -> tuple:
+    """IEEE fp32 FMA dots: small tiles, more warps from head_dim 64 on (any family)."""
+    warps = 4 if head_dim <= 32 else 8
+    return (32, 32, warps, 2), (32, 32, warps, 32, 32, warps, 1)
+
+
+def _tiles_16bit(family: str, head_dim: int) -> tuple:
+    return _TILES_16BIT[family, head_dim]
+
+
+# Per listed dtype, no default (a new dtype needs an explicit choice): its tiles for
+# (family, head_dim), and the tl.dot input precision ("tf32" is ignored for 16-bit dots).
+_TILES_BY_DTYPE = {torch.float16: _tiles_16bit, torch.bfloat16: _tiles_16bit, torch.float32: _tiles_fp32}
+_DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}
+
+
+def _tables() -> tuple[dict, dict]:
+    """(family, head_dim, dtype) -> forward / backward tiles, for exactly the listed variants."""
+    listed = {"_TILES_16BIT": (_TILES_16BIT, set(product(FAMILIES, HEAD_DIMS))),
+              "_TILES_BY_DTYPE": (_TILES_BY_DTYPE, set(DTYPES)), "_DOT_PRECISION": (_DOT_PRECISION, set(DTYPES))}
+    for name, (table, keys) in listed.items():
+        if set(table) != keys:
+            raise RuntimeError(f"sc_attention_config.{name}: entries missing for {keys - set(table)}, "
+                               f"entries not in the list: {set(table) - keys}")
+    forward, backward = {}, {}
+    for family, head_dim, dtype in product(FAMILIES, HEAD_DIMS, DTYPES):
+        forward[family, head_dim, dtype], backward[family, head_dim, dtype] = _TILES_BY_DTYPE[dtype](family, head_dim)
+    return forward, backward
+
+
+# (family, head_dim, dtype) -> (block_m, block_n, num_warps, num_stages)
+# and -> (dkdv_block_n, dkdv_block_m, dkdv_warps, dq_block_m, dq_block_n, dq_warps, num_stages)
+_FORWARD, _BACKWARD = _tables()
 
 _FAMILIES: dict = {}
 
@@ -126,6 +148,8 @@ def gpu_family(device: torch.device) -> str:
     """Which table applies to a device ("hopper" for the interpreter's CPU tensors)."""
     if device.type != "cuda":
         return "hopper"
+    from .. import _dispatch  # here: _dispatch reads this module's variant list at import
+
     index = _dispatch.cuda_index(device)
     family = _FAMILIES.get(index)
     if family is None:
@@ -134,21 +158,25 @@ def gpu_family(device: torch.device) -> str:
     return family
 
 
+def _names(items) -> str:
+    return ", ".join(str(i).replace("torch.", "") for i in items)
+
+
 def _key(device: torch.device, head_dim: int, dtype: torch.dtype):
-    key = (gpu_family(device), int(head_dim), dtype == torch.float32)
-    if key not in _FORWARD or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    key = (gpu_family(device), int(head_dim), dtype)
+    if key not in _FORWARD:
         raise ValueError(
-            f"the triton SC-Attention kernels support head_dim in (16, 32, 64, 128) and "
-            f"float16/bfloat16/float32, got head_dim {head_dim} and {dtype}"
+            f"the triton SC-Attention kernels support head_dim in ({_names(HEAD_DIMS)}) and "
+            f"{_names(DTYPES)}, got head_dim {head_dim} and {dtype}"
         )
     return key
 
 
 def forward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> ForwardConfig:
     """The forward kernel's configuration; never depends on sequence lengths."""
-    return ForwardConfig(*_FORWARD[_key(device, head_dim, dtype)], _precision(dtype))
+    return ForwardConfig(*_FORWARD[_key(device, head_dim, dtype)], _DOT_PRECISION[dtype])
 
 
 def backward_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> BackwardConfig:
     """The backward kernels' configuration; never depends on sequence lengths."""
-    return BackwardConfig(*_BACKWARD[_key(device, head_dim, dtype)], _precision(dtype))
+    return BackwardConfig(*_BACKWARD[_key(device, head_dim, dtype)], _DOT_PRECISION[dtype])

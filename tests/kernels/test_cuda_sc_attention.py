@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,14 @@ from support.unowned_rows import assert_unowned_rows, spare_rows_inputs
 
 EMU_SRC = ROOT / "csrc" / "cuda" / "sc_attention_emu" / "emu_main.cpp"
 GRADS = ("dq", "dk_cond", "dv_cond", "dk_self", "dv_self")
-LOWP = [torch.float16, torch.bfloat16]
+
+sys.path.insert(0, str(ROOT / "build_backend"))
+import cuda_variants  # noqa: E402  (setup.py's reader of csrc/cuda/sc_attention_variants.h)
+
+sys.path.pop(0)
+# The variant list (csrc/cuda/sc_attention_variants.h): the emulated tests run each.
+HEAD_DIMS, _DTYPE_NAMES = cuda_variants.read_variants()
+LOWP = [getattr(torch, n) for n in _DTYPE_NAMES]
 
 
 def _dtype_id(d):
@@ -64,14 +72,19 @@ def test_extension_registers_cuda_kernels():
 @pytest.fixture(scope="session")
 def emulator(tmp_path_factory):
     """Path of the emulator binary, compiled once per session (skips without a C++20 compiler)."""
+    return _build_emulator(tmp_path_factory.mktemp("sc_attn_emu") / "sc_attn_emu")
+
+
+def _build_emulator(out: Path, include_first: Path | None = None) -> Path:
+    """Compiles the emulator into `out`; headers under `include_first` replace those of csrc/."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler to build the kernel emulator")
-    exe = tmp_path_factory.mktemp("sc_attn_emu") / "sc_attn_emu"
-    cmd = [cxx, "-std=c++20", "-O2", "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}", str(EMU_SRC), "-o", str(exe)]
+    includes = ([f"-I{include_first}"] if include_first else []) + [f"-I{ROOT / 'csrc'}"]
+    cmd = [cxx, "-std=c++20", "-O2", "-Wno-unknown-pragmas", *includes, str(EMU_SRC), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"building the emulator failed:\n{r.stderr[-4000:]}"
-    return exe
+    return out
 
 
 def _span_bytes(t: torch.Tensor) -> bytes:
@@ -101,7 +114,7 @@ def emulate(exe, workdir: Path, op, inputs, *, lens=(None, None), cu=(None, None
     workdir.mkdir(parents=True, exist_ok=True)
     spec = {
         "op": op,
-        "dtype": "f16" if q.dtype == torch.float16 else "bf16",
+        "dtype": _dtype_id(q.dtype),
         "head_dim": q.shape[-1],
         "batch": B,
         "heads": q.shape[-2],
@@ -255,6 +268,84 @@ def test_emulated_out_of_range_lengths_stay_in_bounds(emulator, tmp_path, gen):
     # Sequence 0 owns rows 0..6, sequence 1 is clamped to rows 7..9: every row written.
     assert not torch.isnan(res("out", qp.shape, dtype).float()).any()
     assert not torch.isnan(res("lse", (2, qp.shape[0]), torch.float32)).any()
+
+
+# ----------------------------------------------------------------------------- the variant list
+
+
+def _emulator_variants(exe) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The variant list as the C++ preprocessor expands it (the emulator's --variants)."""
+    r = subprocess.run([str(exe), "--variants"], capture_output=True, text=True, check=True)
+    lines = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    return tuple(int(d) for d in lines["head_dims"].split()), tuple(lines["dtypes"].split())
+
+
+def test_build_info_records_the_header_variant_list(emulator):
+    """setup.py's reading of sc_attention_variants.h (recorded in the build info, read by
+    the cuda capability) is what the C++ code compiles: both the macros' expansion."""
+    from enat_kernels import _dispatch, _variants
+
+    head_dims, dtypes = _emulator_variants(emulator)
+    assert head_dims and dtypes
+    assert cuda_variants.read_variants() == (head_dims, dtypes)
+    info = _extension.build_info()
+    assert info["CUDA_SC_ATTENTION_HEAD_DIMS"] == head_dims
+    assert info["CUDA_SC_ATTENTION_DTYPES"] == dtypes
+    torch_dtypes = tuple(getattr(torch, n) for n in dtypes)
+    assert _variants.CUDA_SC_ATTENTION == _variants.Variants(head_dims, torch_dtypes)
+    caps = _dispatch.ATTENTION_CAPS["cuda"]
+    assert (caps.head_dims, caps.dtypes) == (head_dims, torch_dtypes)
+
+
+@pytest.mark.parametrize("dtype, head_dim, message", [
+    ("float32", 64, "unsupported dtype float32 (supported: float16 and bfloat16)"),
+    ("f16", 64, "unsupported dtype f16"),
+    ("float16", 48, "unsupported head_dim 48 (supported: 32, 64 and 128)"),
+    ("bfloat16", 0, "unsupported head_dim 0"),
+])
+def test_emulator_refuses_unlisted_variants(emulator, tmp_path, dtype, head_dim, message):
+    """The dispatch the launchers use (with_dtype / with_head_dim) runs no kernel for a
+    dtype or head_dim outside the list, instead of another variant's kernels."""
+    (tmp_path / "spec.txt").write_text(f"op fwd\ndtype {dtype}\nhead_dim {head_dim}\n")
+    r = subprocess.run([str(emulator), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and message in r.stderr, r.stderr
+    assert not list(tmp_path.glob("res_*.bin"))
+
+
+def test_new_head_dim_is_one_edit(tmp_path, gen, monkeypatch):
+    """Adding a head_dim to ENAT_SC_ATTN_HEAD_DIMS is the only edit: the generated
+    translation units, the build info, the Python capability and the C++ dispatch all
+    follow, and the kernels then compute it (here head_dim 96 on the emulator)."""
+    from enat_kernels import _variants
+
+    assert not list((ROOT / "csrc" / "cuda").glob("*hdim*")), "per-variant sources must be generated, not written"
+    header = Path(cuda_variants.HEADER).read_text()
+    edited = header.replace("X(64) X(128)", "X(64) X(96) X(128)")
+    assert edited != header
+    overlay = tmp_path / "include" / "cuda"
+    overlay.mkdir(parents=True)
+    (overlay / "sc_attention_variants.h").write_text(edited)
+
+    head_dims, dtypes = cuda_variants.read_variants(str(overlay / "sc_attention_variants.h"))
+    assert head_dims == (32, 64, 96, 128)
+    sources = cuda_variants.variant_sources(head_dims)
+    assert "ENAT_SC_ATTN_FWD_INSTANCE(96)" in sources["sc_attention_fwd_hdim96.cu"]
+    assert "ENAT_SC_ATTN_BWD_INSTANCE(96)" in sources["sc_attention_bwd_hdim96.cu"]
+    assert len(sources) == 2 * len(head_dims)
+    info = {**_extension.build_info(), "CUDA_SC_ATTENTION_HEAD_DIMS": head_dims, "CUDA_SC_ATTENTION_DTYPES": dtypes}
+    monkeypatch.setattr(_extension, "build_info", lambda: info)
+    assert 96 in _variants.cuda_sc_attention().head_dims
+
+    exe = _build_emulator(tmp_path / "sc_attn_emu96", include_first=tmp_path / "include")
+    assert _emulator_variants(exe)[0] == head_dims
+    case = AttnCase("d96", B=2, N=21, Nc=70, H=1, D=96, cond_lens=(70, 5), self_lens=(21, 9))
+    dtype = torch.bfloat16
+    q, kc, vc, ks, vs, cl, sl = make_inputs(case, dtype, "cpu", gen)
+    inputs = (q, kc, vc, ks, vs)
+    dout = torch.randn(q.shape, generator=gen).to(dtype)
+    dlse = torch.randn(2, 1, 21, generator=gen)
+    got = _emulate_fwd_bwd(exe, tmp_path, inputs, dout, dlse, lens=(sl, cl), max_q=21, max_c=70, scale=96**-0.5)
+    _check_all(got, lambda *x: sc_attention_ref(*x, cl, sl), inputs, dout, dlse, dtype)
 
 
 # ----------------------------------------------------------------------------- GPU

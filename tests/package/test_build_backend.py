@@ -75,3 +75,24 @@ def test_pyproject_uses_this_backend_and_no_static_torch():
     # environment (gigabytes), only for the pin to replace it.
     requires = build_system.split("requires", 1)[1].split("]", 1)[0]
     assert "torch" not in requires
+
+
+def test_cuda_variant_sources_follow_the_list(tmp_path):
+    """setup.py's per-variant translation units: one per (pass, head_dim) of the list,
+    rewritten only when their text changes (ninja then skips them), stale ones removed."""
+    sys.path.insert(0, os.path.join(ROOT, "build_backend"))
+    import cuda_variants
+
+    sys.path.pop(0)
+    head_dims, dtypes = cuda_variants.read_variants()
+    assert head_dims == tuple(sorted(head_dims)) and all(d % 16 == 0 for d in head_dims) and dtypes
+    paths = cuda_variants.write_sources(str(tmp_path), head_dims)
+    assert sorted(os.path.basename(p) for p in paths) == sorted(
+        f"sc_attention_{p}_hdim{d}.cu" for p in ("fwd", "bwd") for d in head_dims)
+    before = {p: os.stat(p).st_mtime_ns for p in paths}
+    other = tmp_path / "notes.txt"
+    other.write_text("kept")
+    assert cuda_variants.write_sources(str(tmp_path), head_dims) == paths
+    assert {p: os.stat(p).st_mtime_ns for p in paths} == before
+    fewer = cuda_variants.write_sources(str(tmp_path), head_dims[:1])
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(p) for p in fewer] + ["notes.txt"])

@@ -3,8 +3,9 @@
 // thread.  A test tool, not part of the extension (setup.py compiles only the files
 // directly in csrc/cuda/); tests/kernels/test_cuda_sc_attention.py builds and drives it.
 //
-// Usage: sc_attn_emu DIR
-//   DIR/spec.txt    one "key value..." per line: op (fwd|bwd), dtype (f16|bf16), head_dim,
+// Usage: sc_attn_emu DIR       (or --variants: prints the variant list of sc_attention_variants.h)
+//   DIR/spec.txt    one "key value..." per line: op (fwd|bwd), dtype (a listed torch name:
+//                   float16, bfloat16), head_dim,
 //                   batch, heads, max_q, max_c, total_q, total_c, packed (0|1), scale,
 //                   strides_{q,k_cond,v_cond,k_self,v_self} (batch token head, elements)
 //   DIR/<name>.bin  raw inputs: q k_cond v_cond k_self v_self (the element span of each
@@ -257,24 +258,47 @@ void run_bwd() {
   run_unowned_rows(sca::unowned_rows(L.cu_c, L, L.total_c, D, p.dk_cond, p.dv_cond, nullptr, nullptr));
 }
 
-template <class E>
-void run(const std::string& op, int D) {
+// The listed variants (sc_attention_variants.h), as the launchers dispatch them: a dtype
+// or head_dim outside the list fails instead of running another variant's kernels.
+void run(const std::string& op, const std::string& dtype_name, int D) {
   const bool fwd = op == "fwd";
   if (!fwd && op != "bwd") emu::fail("op must be fwd or bwd, got %s", op.c_str());
-  switch (D) {
-    case 32: fwd ? run_fwd<32, E>() : run_bwd<32, E>(); break;
-    case 64: fwd ? run_fwd<64, E>() : run_bwd<64, E>(); break;
-    case 128: fwd ? run_fwd<128, E>() : run_bwd<128, E>(); break;
-    default: emu::fail("unsupported head_dim %d", D);
-  }
+  AttnDtype dtype;
+  if (!attn_dtype_from_name(dtype_name.c_str(), &dtype))
+    emu::fail("unsupported dtype %s (supported: %s)", dtype_name.c_str(), sc_attn_dtypes_text().c_str());
+  const bool ran = with_dtype(dtype, false, [&](auto elem) {
+    using E = typename decltype(elem)::type;
+    return with_head_dim(D, false, [&](auto d) {
+      fwd ? run_fwd<decltype(d)::value, E>() : run_bwd<decltype(d)::value, E>();
+      return true;
+    });
+  });
+  if (!ran) emu::fail("unsupported head_dim %d (supported: %s)", D, sc_attn_head_dims_text().c_str());
+}
+
+// The variant list as the preprocessor expands it, for the tests to compare with the build info.
+void print_variants() {
+  std::printf("head_dims");
+#define ENAT_SC_ATTN_X(d) std::printf(" %d", d);
+  ENAT_SC_ATTN_HEAD_DIMS(ENAT_SC_ATTN_X)
+#undef ENAT_SC_ATTN_X
+  std::printf("\ndtypes");
+#define ENAT_SC_ATTN_X(key, elem, name, scalar) std::printf(" %s", name);
+  ENAT_SC_ATTN_DTYPES(ENAT_SC_ATTN_X)
+#undef ENAT_SC_ATTN_X
+  std::printf("\n");
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 2) {
-    std::fprintf(stderr, "usage: %s DIR\n", argv[0]);
+    std::fprintf(stderr, "usage: %s DIR | --variants\n", argv[0]);
     return 2;
+  }
+  if (std::string(argv[1]) == "--variants") {
+    print_variants();
+    return 0;
   }
   g_dir = argv[1];
   std::ifstream f(g_dir + "/spec.txt");
@@ -286,14 +310,7 @@ int main(int argc, char** argv) {
     auto& vals = g_spec[key];
     while (is >> v) vals.push_back(v);
   }
-  const std::string dtype = spec("dtype")[0];
-  const int D = static_cast<int>(spec_i("head_dim"));
-  if (dtype == "f16")
-    run<enat_kernels::cuda::sca::Fp16>(spec("op")[0], D);
-  else if (dtype == "bf16")
-    run<enat_kernels::cuda::sca::Bf16>(spec("op")[0], D);
-  else
-    emu::fail("dtype must be f16 or bf16, got %s", dtype.c_str());
+  run(spec("op")[0], spec("dtype")[0], static_cast<int>(spec_i("head_dim")));
   write_outputs();
   return 0;
 }
