@@ -2,7 +2,8 @@
 // outputs, describes the problem with raw pointers and strides (Problem) and runs the
 // kernel compiled for the best instruction set ATen reports (AVX2, else the portable
 // build; ATEN_CPU_CAPABILITY=default forces the latter).  The kernels are in
-// sc_attention_kernel.h; the contract in docs/KERNEL_CONTRACT.md.
+// sc_attention_kernel.h (parts in sc_attention_kernel/); the contract in
+// docs/KERNEL_CONTRACT.md.
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cpu/sc_attention_cpu.h"
@@ -168,30 +170,44 @@ Problem describe(const at::Tensor& q, const at::Tensor& k_cond, const at::Tensor
   return p;
 }
 
-// Packed form: every row no sequence owns gets `value` (0 in outputs and gradients,
-// -inf in lse); the kernels write only owned rows.  Ownership is the kernels' own
-// (extent_of): rows before cu[0] and from cu[batch] on, and, with unchecked offsets,
-// gaps between sequences and rows past max_seqlen.  cond: x holds cond-segment rows
-// (dk_cond, dv_cond), else query rows.  row_dim: the dimension of x that indexes rows.
-void fill_unowned_rows(const Problem& p, bool cond, at::Tensor& x, int64_t row_dim, double value) {
-  const int64_t total = x.size(row_dim);
-  std::vector<uint8_t> owned(static_cast<size_t>(total), 0);
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const cpu_attn::Extent e = cpu_attn::extent_of(p, b);
-    const int64_t start = cond ? e.c_start : e.q_start, n = cond ? e.c_owned : e.q_owned;
-    std::fill(owned.begin() + start, owned.begin() + start + n, uint8_t{1});
+// The packed rows of one segment that no sequence owns, as runs [first, end): rows
+// before cu[0] and from cu[batch] on, and, with unchecked offsets, gaps between
+// sequences and rows past max_seqlen.  The kernels write only owned rows; the adapter
+// fills these.  Ownership is the kernels' own (seq_extents).  Built once per op (an
+// O(rows) pass) and used for every tensor of that segment.
+class UnownedRows {
+ public:
+  // Query rows (out, lse, dq, dk_self, dv_self) or cond key rows (dk_cond, dv_cond) of
+  // a packed problem.
+  static UnownedRows self_rows(const Problem& p) { return {p, &cpu_attn::SeqExtents::self, p.q_rows}; }
+  static UnownedRows cond_rows(const Problem& p) { return {p, &cpu_attn::SeqExtents::cond, p.cond_rows}; }
+
+  // Sets those rows of x (row_dim: the dimension that indexes the segment's rows) to value.
+  void fill(at::Tensor& x, int64_t row_dim, double value) const {
+    for (const auto& [first, end] : runs_) x.narrow(row_dim, first, end - first).fill_(value);
   }
-  for (int64_t r = 0; r < total;) {
-    if (owned[r]) {
-      ++r;
-      continue;
+
+ private:
+  UnownedRows(const Problem& p, cpu_attn::SeqExtent cpu_attn::SeqExtents::*segment, int64_t total) {
+    std::vector<uint8_t> owned(static_cast<size_t>(total), 0);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const cpu_attn::SeqExtent e = cpu_attn::seq_extents(p, b).*segment;
+      std::fill(owned.begin() + e.start, owned.begin() + e.start + e.owned, uint8_t{1});
     }
-    int64_t end = r;
-    while (end < total && !owned[end]) ++end;
-    x.narrow(row_dim, r, end - r).fill_(value);
-    r = end;
+    for (int64_t r = 0; r < total;) {
+      if (owned[r]) {
+        ++r;
+        continue;
+      }
+      int64_t end = r;
+      while (end < total && !owned[end]) ++end;
+      runs_.emplace_back(r, end);
+      r = end;
+    }
   }
-}
+
+  std::vector<std::pair<int64_t, int64_t>> runs_;
+};
 
 at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -215,8 +231,9 @@ std::tuple<at::Tensor, at::Tensor> sc_attn_fwd_cpu(const at::Tensor& q, const at
   p.lse = lse_view(lse);
   if (out.numel() > 0) run_forward(p);
   if (q.dim() == 3) {
-    fill_unowned_rows(p, false, out, 0, 0.0);
-    fill_unowned_rows(p, false, lse, 1, -std::numeric_limits<double>::infinity());
+    const UnownedRows unowned = UnownedRows::self_rows(p);
+    unowned.fill(out, 0, 0.0);
+    unowned.fill(lse, 1, -std::numeric_limits<double>::infinity());
   }
   return {out, lse};
 }
@@ -260,8 +277,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_attn_b
   p.dv_self = rows_view(dv_self);
   if (p.batch > 0 && p.heads > 0 && p.head_dim > 0) run_backward(p);
   if (q.dim() == 3) {
-    for (at::Tensor* g : {&dq, &dk_self, &dv_self}) fill_unowned_rows(p, false, *g, 0, 0.0);
-    for (at::Tensor* g : {&dk_cond, &dv_cond}) fill_unowned_rows(p, true, *g, 0, 0.0);
+    const UnownedRows unowned_self = UnownedRows::self_rows(p), unowned_cond = UnownedRows::cond_rows(p);
+    for (at::Tensor* g : {&dq, &dk_self, &dv_self}) unowned_self.fill(*g, 0, 0.0);
+    for (at::Tensor* g : {&dk_cond, &dv_cond}) unowned_cond.fill(*g, 0, 0.0);
   }
   return {dq, dk_cond, dv_cond, dk_self, dv_self};
 }

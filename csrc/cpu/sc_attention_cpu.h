@@ -56,30 +56,38 @@ struct Problem {
   RowsView dq, dk_cond, dv_cond, dk_self, dv_self;
 };
 
-// Where sequence b's rows are, with lengths clamped so that no value of the length
+// Where one sequence's rows are in one segment (its queries, which are also its self
+// keys, or its cond keys), with the lengths clamped so that no value of the length
 // tensors can lead outside the inputs.  Shared by the kernels and the adapter (which
 // fills the packed rows no sequence owns), so both agree on what a sequence owns.
-struct Extent {
-  int64_t q_start, q_len, q_owned;  // queries (= self keys): rows [q_start, q_start + q_owned), first q_len valid
-  int64_t c_start, c_len, c_owned;  // cond keys
+struct SeqExtent {
+  int64_t start;   // first row in the tensor: the packed row cu[b], or 0 in the dense form
+  int64_t length;  // valid rows [start, start + length)
+  int64_t owned;   // output rows [start, start + owned) the sequence writes: dense, every
+                   // row of its batch row (padding included); packed, its valid rows
 };
 
-inline Extent extent_of(const Problem& p, int64_t b) {
+// Both segments of sequence b.
+struct SeqExtents {
+  SeqExtent self;  // queries, self keys and values
+  SeqExtent cond;  // cond keys and values
+};
+
+// Sequence b's extent in a segment of `rows` rows per batch row (dense, with optional
+// lengths) or in all (packed: cu set, sequences at most max_len long).
+inline SeqExtent seq_extent(const int32_t* cu, const int32_t* lens, int64_t rows, int64_t max_len, int64_t b) {
   auto clamp = [](int64_t x, int64_t lo, int64_t hi) { return std::min(std::max(x, lo), hi); };
-  Extent e{};
-  if (p.cu_q != nullptr) {
-    e.q_start = clamp(p.cu_q[b], 0, p.q_rows);
-    e.q_owned = e.q_len = std::min(clamp(p.cu_q[b + 1], e.q_start, p.q_rows) - e.q_start, p.max_q);
-    e.c_start = clamp(p.cu_cond[b], 0, p.cond_rows);
-    e.c_owned = e.c_len = std::min(clamp(p.cu_cond[b + 1], e.c_start, p.cond_rows) - e.c_start, p.max_cond);
-  } else {
-    e.q_start = e.c_start = 0;
-    e.q_owned = p.q_rows;
-    e.c_owned = p.cond_rows;
-    e.q_len = p.self_lens ? clamp(p.self_lens[b], 0, p.q_rows) : p.q_rows;
-    e.c_len = p.cond_lens ? clamp(p.cond_lens[b], 0, p.cond_rows) : p.cond_rows;
+  if (cu != nullptr) {
+    const int64_t start = clamp(cu[b], 0, rows);
+    const int64_t length = std::min(clamp(cu[b + 1], start, rows) - start, max_len);
+    return {start, length, length};
   }
-  return e;
+  return {0, lens != nullptr ? clamp(lens[b], 0, rows) : rows, rows};
+}
+
+inline SeqExtents seq_extents(const Problem& p, int64_t b) {
+  return {seq_extent(p.cu_q, p.self_lens, p.q_rows, p.max_q, b),
+          seq_extent(p.cu_cond, p.cond_lens, p.cond_rows, p.max_cond, b)};
 }
 
 // One entry per instruction set; sc_attention_cpu.cpp picks one at run time.

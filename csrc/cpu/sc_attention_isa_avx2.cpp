@@ -13,7 +13,8 @@
 
 #if defined(ENAT_HAVE_AVX2_KERNELS)
 
-// Baseline headers: everything sc_attention_kernel.h and at::vec pull in, minus at::vec.
+// Baseline headers: everything sc_attention_kernel.h (with its parts in
+// sc_attention_kernel/) and at::vec pull in, minus at::vec.
 #include <ATen/NumericUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/Math.h>
@@ -42,6 +43,8 @@
 #include <limits>
 #include <ostream>
 #include <type_traits>
+
+#include "checked_size.h"
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), apply_to = function)
