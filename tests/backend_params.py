@@ -7,12 +7,12 @@ as its kernels land.
 
 import pytest
 
-from enat_kernels import _dispatch
+import enat_kernels as ek
 
 from test_sc_attention import device_for, skip_unless_runs  # noqa: F401  (re-exported)
 
 
 def skip_unless_routes(backend: str) -> None:
-    err = _dispatch.routing_error(backend, device_for(backend))
-    if err is not None:
+    err = ek.supports("gather_tokens", device=device_for(backend), backend=backend).reason
+    if err:
         pytest.skip(err)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch, _extension
+from enat_kernels import _extension
 from enat_kernels.reference import gather_rows_ref, mask_to_indices_ref, merge_ranks_ref, scatter_rows_ref
 
 from conftest import HAS_CUDA
@@ -38,8 +38,8 @@ def device_for(backend: str) -> str:
 def skip_unless_runs(backend: str) -> str:
     """The device backend `backend` runs on here; skips the test with its reason if none."""
     dev = device_for(backend)
-    err = _dispatch.routing_error(backend, dev)
-    if err is not None:
+    err = ek.supports("gather_tokens", device=dev, backend=backend).reason
+    if err:
         pytest.skip(err)
     return dev
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
 from attention_cases import (
@@ -38,8 +37,8 @@ def device_for(backend: str) -> str:
 
 
 def skip_unless_runs(backend, dtype, head_dim):
-    err = _dispatch.attention_error(backend, device_for(backend), dtype, head_dim)
-    if err is not None:
+    err = ek.supports("sc_attention", device=device_for(backend), dtype=dtype, head_dim=head_dim, backend=backend).reason
+    if err:
         pytest.skip(err)
 
 
