@@ -144,24 +144,43 @@ class Backend:
 
 BACKEND = {
     "triton": Backend(
-        "triton", {"cuda": "CUDA", "cpu": "CPU (Triton interpreter)"},
-        "Triton kernels (enat_kernels/triton/), registered as enat_kernels::triton_<op>",
-        _triton_runtime_error, lambda name, op: _triton_op_error(op), "triton_", ATTENTION_CAPS["triton"],
+        name="triton",
+        devices={"cuda": "CUDA", "cpu": "CPU (Triton interpreter)"},  # CPU only under TRITON_INTERPRET=1
+        summary="Triton kernels (enat_kernels/triton/), registered as enat_kernels::triton_<op>",
+        runtime_error=_triton_runtime_error,
+        op_error=lambda name, op: _triton_op_error(op),
+        op_prefix="triton_",
+        attention=ATTENTION_CAPS["triton"],
         refused_dtypes={"cpu": {torch.bfloat16: "the Triton interpreter (CPU) does not support bfloat16"}},
     ),
     "cuda": Backend(
-        "cuda", {"cuda": "CUDA"}, "CUDA C++ kernels (csrc/cuda/, enat_kernels._C_cuda)",
-        _cuda_runtime_error, _compiled_op_error("CUDA"), "", ATTENTION_CAPS["cuda"],
+        name="cuda",
+        devices={"cuda": "CUDA"},
+        summary="CUDA C++ kernels (csrc/cuda/, enat_kernels._C_cuda)",
+        runtime_error=_cuda_runtime_error,
+        op_error=_compiled_op_error("CUDA"),
+        op_prefix="",
+        attention=ATTENTION_CAPS["cuda"],
         # mma.sync m16n8k16 and cp.async: the adapter would raise, selection says so up front
         min_capability=(8, 0),
     ),
     "cpu": Backend(
-        "cpu", {"cpu": "CPU"}, "C++ kernels (csrc/cpu/, enat_kernels._C)",
-        _cpu_runtime_error, _compiled_op_error("CPU"), "", ATTENTION_CAPS["cpu"],
+        name="cpu",
+        devices={"cpu": "CPU"},
+        summary="C++ kernels (csrc/cpu/, enat_kernels._C)",
+        runtime_error=_cpu_runtime_error,
+        op_error=_compiled_op_error("CPU"),
+        op_prefix="",
+        attention=ATTENTION_CAPS["cpu"],
     ),
     "torch": Backend(
-        "torch", None, "reference PyTorch math, every device",
-        lambda device: None, lambda name, op: None, None, ATTENTION_CAPS["torch"],
+        name="torch",
+        devices=None,
+        summary="reference PyTorch math, every device",
+        runtime_error=lambda device: None,
+        op_error=lambda name, op: None,
+        op_prefix=None,
+        attention=ATTENTION_CAPS["torch"],
     ),
 }
 assert tuple(BACKEND) == BACKENDS
@@ -413,7 +432,7 @@ def supports(op: str, *tensors: torch.Tensor, backend: str | None = None, device
             raise TypeError(f"supports() takes the op's tensors, got {type(first).__name__}")
         device = first.device
         if family == "sc_attention":
-            dtype, head_dim = first.dtype, first.shape[-1]
+            dtype, head_dim = first.dtype, (first.shape[-1] if first.dim() else None)  # a bad rank: the op's to refuse
     elif device is None:
         raise TypeError("supports() needs the op's tensors or device=")
     device = torch.device(device)

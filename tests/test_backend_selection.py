@@ -302,6 +302,15 @@ def test_supports_with_mocked_cuda_devices(monkeypatch):
         assert f32.backend == "triton" and "does not support dtype float32" in f32.reason
 
 
+def test_automatic_order_is_the_documented_one():
+    """The order the README states: on CUDA tensors SC-Attention tries triton then cuda,
+    routing cuda then triton; on CPU tensors the cpu backend; torch always last."""
+    assert _dispatch.auto_order("cuda", "sc_attention") == ("triton", "cuda", "torch")
+    assert _dispatch.auto_order("cuda", "routing") == ("cuda", "triton", "torch")
+    assert _dispatch.auto_order("cpu", "sc_attention") == _dispatch.auto_order("cpu", "routing") == ("cpu", "torch")
+    assert _dispatch.auto_order("mps", "routing") == ("torch",)
+
+
 def test_one_automatic_order_for_the_model(monkeypatch):
     """enat's `--backend auto` picks the first backend of the table's attention order."""
     from enat import backends as enat_backends
