@@ -289,7 +289,7 @@ _warned: set[str] = set()
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=5)  # the caller of the public function
+        warnings.warn(msg, RuntimeWarning, stacklevel=6)  # the caller of sc_attention (through _auto and _choose_*)
 
 
 def _requested(backend: str | None) -> str | None:
