@@ -211,15 +211,13 @@ class Ours(AttnPath):
         self.name = f"ours:{backend}"
 
     def unavailable(self, case, backward):
-        from enat_kernels import _dispatch
+        import enat_kernels
 
         dt = case.env.device.type
         if self.backend == "triton" and dt == "cpu":
             return "Triton on CPU tensors runs in its interpreter: timings would say nothing about the kernel"
-        err = _dispatch.attention_error(self.backend, dt, case.env.dtype, case.shape.D)
-        if err is None and backward and self.backend != "torch":
-            err = _dispatch._op_error(self.backend, "sc_attn_bwd", dt)
-        return err
+        # The answer covers the backward op too (supports checks the whole op family).
+        return enat_kernels.supports("sc_attention", device=dt, dtype=case.env.dtype, head_dim=case.shape.D, backend=self.backend).reason or None
 
     def context(self):
         import enat_kernels

@@ -220,12 +220,12 @@ class Ours(RoutePath):
         self.name = f"ours:{backend}"
 
     def unavailable(self, case):
-        from enat_kernels import _dispatch
+        import enat_kernels
 
         dt = case.env.device.type
         if self.backend == "triton" and dt == "cpu":
             return "Triton on CPU tensors runs in its interpreter: timings would say nothing about the kernel"
-        return _dispatch.routing_error(self.backend, dt)
+        return enat_kernels.supports("gather_tokens", device=dt, backend=self.backend).reason or None
 
     def context(self):
         import enat_kernels

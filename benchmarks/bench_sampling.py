@@ -78,11 +78,13 @@ def _params():
 @pytest.mark.parametrize("shape,backend", _params())
 def test_sampling(benchmark, bench_env, shape, backend):
     env = bench_env
-    from enat_kernels import _dispatch
+    import enat_kernels
 
     if backend == "triton" and env.device.type == "cpu":
         pytest.skip("Triton on CPU tensors runs in its interpreter: timings would say nothing")
-    err = _dispatch.attention_error(backend, env.device.type, env.dtype, 64) or _dispatch.routing_error(backend, env.device.type)
+    dt = env.device.type
+    err = (enat_kernels.supports("sc_attention", device=dt, dtype=env.dtype, head_dim=64, backend=backend).reason
+           or enat_kernels.supports("gather_tokens", device=dt, backend=backend).reason)
     if err:
         pytest.skip(err)
     model = _make_model(shape, env)

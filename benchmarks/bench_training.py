@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from enat.backends import fused_backend_for
-from enat_kernels import _dispatch
+import enat_kernels
 
 from . import _env
 from ._env import ON_GPU, measure, record
@@ -38,9 +38,9 @@ def _params():
 def test_training_step(benchmark, bench_env, shape, path):
     env = bench_env
     backend = fused_backend_for(env.device) if path == "fused" else "torch"
-    err = _dispatch.backend_error(backend, env.device.type)
-    if err:
-        pytest.skip(err)
+    status = enat_kernels.backends(env.device)[backend]
+    if not status:
+        pytest.skip(status.reason)
     precision = "bf16" if env.device.type == "cuda" else "fp32"
     trainer = make_trainer(shape, backend, env.device, precision)
     benchmark.group = f"training step | {shape.label}"

@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from enat_kernels import BACKENDS, _dispatch
+import enat_kernels as ek
+from enat_kernels import BACKENDS
 
 
 class ResolvedBackends(NamedTuple):
@@ -50,34 +51,23 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, head_
     check_backend_name(backend)
     if backend is None or backend == "torch":
         return ResolvedBackends(backend, backend, backend)
-    dt = device.type
-    err = _dispatch.backend_error(backend, dt)
-    if err is not None:
-        raise ValueError(f"backend={backend!r} cannot run on {dt} tensors here: {err}")
-    routing = backend
-    err = _dispatch.routing_error(backend, dt)
-    if err is not None:
-        _warn_once(f"enat: backend={backend!r} has no token routing kernels here ({err}); routing uses the torch reference")
-        routing = "torch"
-    attention = backend
-    err = _dispatch.attention_error(backend, dt, dtype, head_dim)
-    if err is not None:
-        _warn_once(f"enat: backend={backend!r} cannot run SC-Attention here ({err}); attention uses the torch reference")
-        attention = "torch"
-    return ResolvedBackends(backend, routing, attention)
+    routing = ek.supports("gather_tokens", device=device, backend=backend)
+    attention = ek.supports("sc_attention", device=device, dtype=dtype, head_dim=head_dim, backend=backend)
+    if not routing and not attention:
+        why = "; ".join(dict.fromkeys((routing.reason, attention.reason)))
+        raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors here: {why}")
+    if not routing:
+        _warn_once(f"enat: backend={backend!r} has no token routing kernels here ({routing.reason}); routing uses the torch reference")
+    if not attention:
+        _warn_once(f"enat: backend={backend!r} cannot run SC-Attention here ({attention.reason}); attention uses the torch reference")
+    return ResolvedBackends(backend, routing.backend or "torch", attention.backend or "torch")
 
 
 def fused_backend_for(device: torch.device) -> str:
-    """The fused backend a device would use: 'cpu' on CPUs, the GPU backend enat_kernels
-    prefers on GPUs; 'torch', with a warning saying why, when none runs here (say, the
-    compiled extension could not be loaded)."""
-    names = ("cpu",) if device.type == "cpu" else ("triton", "cuda") if device.type == "cuda" else ()
-    reasons = []
-    for name in names:
-        err = _dispatch.backend_error(name, device)
-        if err is None:
-            return name
-        reasons.append(f"{name}: {err}")
-    if reasons:
-        _warn_once(f"enat: no fused backend runs on {device} here ({'; '.join(reasons)}); using the torch reference")
-    return "torch"
+    """The fused backend a device would use: the first that runs SC-Attention there in
+    enat_kernels' automatic order ('cpu' on CPUs); 'torch', with a warning saying why,
+    when none does (say, the compiled extension could not be loaded)."""
+    choice = ek.supports("sc_attention", device=device)
+    if choice.backend in (None, "torch") and choice.reason:
+        _warn_once(f"enat: no fused backend runs on {device} here ({choice.reason}); using the torch reference")
+    return choice.backend or "torch"

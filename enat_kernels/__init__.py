@@ -8,6 +8,8 @@ Public API:
   `merge_tokens`, `split_tokens`: token routing on the device, no host sync.
 - `SCAttention`: the nn.Module with ENAT's checkpoint parameter names.
 - `backends()`: which backends run here and why the others do not.
+- `supports(op, *tensors, backend=None)`: whether, and with which backend, an op runs
+  on given inputs, without running it.
 - `value_checks(enabled)`: context manager for the checks that read tensor values.
 
 Importing never fails because the compiled extension is missing or mismatched: a
@@ -15,7 +17,7 @@ warning says why and the other backends take over.
 """
 
 from . import _extension, _ops
-from ._dispatch import BACKENDS, BackendStatus, backends
+from ._dispatch import BACKENDS, BackendStatus, Support, backends, supports
 from ._validation import value_checks
 from .attention import sc_attention, sc_attention_varlen
 from .modules import SCAttention
@@ -58,5 +60,7 @@ __all__ = [
     "sc_attention_varlen_ref",
     "scatter_tokens",
     "split_tokens",
+    "Support",
+    "supports",
     "value_checks",
 ]

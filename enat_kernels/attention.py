@@ -109,7 +109,7 @@ def sc_attention(
     scale = check.scale(scale)
     if scale is None:
         scale = D**-0.5
-    name = _dispatch.select_attention(backend, q.device, q.dtype, D, N, Nc)
+    name = _dispatch.select_attention(backend, q.device, q.dtype, D)
     out, lse = _run(name, False, (q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, None, None, N, Nc, scale))
     return (out, lse) if return_lse else out
 
@@ -152,7 +152,7 @@ def sc_attention_varlen(
     scale = check.scale(scale)
     if scale is None:
         scale = D**-0.5
-    name = _dispatch.select_attention(backend, q.device, q.dtype, D, max_seqlen_q, max_seqlen_cond)
+    name = _dispatch.select_attention(backend, q.device, q.dtype, D)
     args = (q, k_cond, v_cond, k_self, v_self, None, None, cu_seqlens_q.contiguous(), cu_seqlens_cond.contiguous(), max_seqlen_q, max_seqlen_cond, scale)
     out, lse = _run(name, True, args)
     return (out, lse) if return_lse else out

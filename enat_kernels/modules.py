@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _dispatch
+from ._dispatch import check_backend_name
 from .attention import sc_attention
 
 
@@ -35,9 +35,7 @@ class SCAttention(nn.Module):
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        if backend is not None:
-            _dispatch._requested(backend)  # a misspelled name fails here, not at the first call
-        self.backend = backend
+        self.backend = check_backend_name(backend)  # a misspelled name fails here, not at the first call
         self.q = nn.Linear(dim, dim)
         self.kv = nn.ModuleDict({"A": nn.Linear(dim, 2 * dim), "B": nn.Linear(dim, 2 * dim)})
         self.proj = nn.Linear(dim, dim)

@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # module -> (source path, test selections: each one pytest invocation, all must pass)
 MODULES = {
     "validation": ("enat_kernels/_validation.py", ["tests/kernels/test_errors.py tests/kernels/test_boundaries.py"]),
-    "dispatch": ("enat_kernels/_dispatch.py", ["tests/kernels/test_boundaries.py tests/kernels/test_errors.py tests/package/test_extension_loading.py"]),
+    "dispatch": ("enat_kernels/_dispatch.py", [
+        "tests/kernels/test_boundaries.py tests/kernels/test_errors.py tests/package/test_extension_loading.py tests/package/test_backend_selection.py"]),
     "routing": ("enat_kernels/routing.py", [
         "tests/kernels/test_routing.py -k 'torch or cpu' tests/kernels/test_boundaries.py tests/kernels/test_errors.py"]),
     "reference": ("enat_kernels/reference.py", [
@@ -75,11 +76,9 @@ NAMED = [
     ("cu_seqlens drop of 1 accepted", "enat_kernels/_validation.py", "if lo < 0:", "if lo < -1:",
      "tests/kernels/test_boundaries.py"),
     ("auto selection skips cpu", "enat_kernels/_dispatch.py",
-     'order = ("cuda", "triton") if dt == "cuda" else ("cpu",) if dt == "cpu" else ()',
-     'order = ("cuda", "triton") if dt == "cuda" else ()', "tests/kernels/test_boundaries.py"),
+     '("cpu", "routing"): ("cpu",),', '("cpu", "routing"): (),', "tests/kernels/test_boundaries.py"),
     ("auto attention selection skips cpu", "enat_kernels/_dispatch.py",
-     'else ("cpu",) if dt == "cpu" else ()\n    for name in order:\n        err = attention_error',
-     'else ()\n    for name in order:\n        err = attention_error', "tests/kernels/test_boundaries.py"),
+     '("cpu", "sc_attention"): ("cpu",),', '("cpu", "sc_attention"): (),', "tests/kernels/test_boundaries.py"),
     ("attention scale D^-1", "enat_kernels/reference.py", "scale = D**-0.5", "scale = D**-1.0",
      "tests/kernels/test_reference.py -k 'matches_formula and basic'"),
     ("shift and scale swapped", "enat/model.py",

@@ -18,6 +18,7 @@ import torch
 
 import enat.backends as enat_backends
 from enat import ENAT, sample
+import enat_kernels as ek
 from enat_kernels import _dispatch
 
 from support.enat_models import responsive_model
@@ -32,14 +33,14 @@ def build(cfg, backend, seed=3):
 
 def kernels_here(backend, head_dim):
     """(routing kernel?, attention kernel?) of `backend` on CPU tensors; skips if it has neither."""
-    err = _dispatch.backend_error(backend, "cpu")
-    if err is not None:
-        pytest.skip(err)
-    routing = _dispatch.routing_error(backend, "cpu")
-    attention = _dispatch.attention_error(backend, "cpu", torch.float32, head_dim)
-    if routing is not None and attention is not None:
-        pytest.skip(f"{backend}: {routing}; {attention}")
-    return routing is None, attention is None
+    status = ek.backends("cpu")[backend]
+    if not status:
+        pytest.skip(status.reason)
+    routing = ek.supports("gather_tokens", device="cpu", backend=backend)
+    attention = ek.supports("sc_attention", device="cpu", dtype=torch.float32, head_dim=head_dim, backend=backend)
+    if not routing and not attention:
+        pytest.skip(f"{backend}: {routing.reason}; {attention.reason}")
+    return bool(routing), bool(attention)
 
 
 def trajectory(model, rows=3, steps=5, seed=11):

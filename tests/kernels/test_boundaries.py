@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch
 
 I32 = torch.int32
 
@@ -75,9 +74,9 @@ def test_cu_seqlens_decreasing_by_one_is_rejected(which):
 @pytest.fixture
 def selection_log(caplog, monkeypatch):
     """The backend chosen by each call (backend=None, no ENAT_KERNELS_BACKEND), from the log."""
-    err = _dispatch.backend_error("cpu", "cpu")
-    if err is not None:
-        pytest.skip(f"the cpu backend cannot run here: {err}")
+    status = ek.backends()["cpu"]
+    if not status:
+        pytest.skip(f"the cpu backend cannot run here: {status.reason}")
     monkeypatch.delenv("ENAT_KERNELS_BACKEND", raising=False)
     caplog.set_level(logging.INFO, logger="enat_kernels")
 
@@ -159,7 +158,7 @@ def test_backends_report_on_a_cpu_machine():
     assert set(report) == {"triton", "cuda", "cpu", "torch"}
     assert report["torch"] and report["torch"].reason == "reference PyTorch math, every device"
     assert not report["cuda"]
-    if _dispatch.backend_error("cpu", "cpu") is None:
+    if report["cpu"]:
         assert report["cpu"].reason == "CPU: sc_attention, token routing"
     from enat_kernels import triton as ek_triton
 
@@ -174,10 +173,10 @@ def test_head_dim_one_runs(backend, gen):
     """The smallest head_dim is accepted by the backends without a fixed list of sizes."""
     from support.attention_cases import sc_attention_oracle
 
-    err = _dispatch.attention_error(backend, "cpu", torch.float32, 1)
-    if backend == "cpu" and _dispatch.backend_error("cpu", "cpu") is not None:
-        pytest.skip(_dispatch.backend_error("cpu", "cpu"))
-    assert err is None
+    answer = ek.supports("sc_attention", device="cpu", dtype=torch.float32, head_dim=1, backend=backend)
+    if backend == "cpu" and not ek.backends()["cpu"]:
+        pytest.skip(ek.backends()["cpu"].reason)
+    assert answer.backend == backend, answer.reason
     q, kc, vc, ks, vs = (torch.randn(2, n, 2, 1, generator=gen) for n in (5, 4, 4, 5, 5))
     out = ek.sc_attention(q, kc, vc, ks, vs, backend=backend)
     want, _ = sc_attention_oracle(*(t.double() for t in (q, kc, vc, ks, vs)))
@@ -205,8 +204,8 @@ def test_log_backend_environment_variable(tmp_path):
 def test_the_chosen_backend_is_the_one_that_runs(backend, gen):
     """backend="cpu" runs the registered kernels, backend="torch" the reference (no op
     call): the profiler shows which (the values are the same either way)."""
-    if backend == "cpu" and _dispatch.backend_error("cpu", "cpu") is not None:
-        pytest.skip(_dispatch.backend_error("cpu", "cpu"))
+    if backend == "cpu" and not ek.backends()["cpu"]:
+        pytest.skip(ek.backends()["cpu"].reason)
     x = torch.randn(2, 6, 3, generator=gen)
     q = torch.randn(2, 4, 2, 8, generator=gen)
     with torch.autograd.profiler.profile() as prof:
@@ -225,5 +224,5 @@ def test_triton_head_dims_are_those_documented():
     err = ek_triton.triton_error("cpu")
     if err is not None:
         pytest.skip(err)
-    ok = [D for D in range(1, 257) if _dispatch.attention_error("triton", "cpu", torch.float32, D) is None]
+    ok = [D for D in range(1, 257) if ek.supports("sc_attention", device="cpu", dtype=torch.float32, head_dim=D, backend="triton")]
     assert ok == [16, 32, 64, 128]

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch
 
 from support.backends import device_for
 
@@ -43,8 +42,9 @@ def _families(backend: str):
     """(attention backend, routing backend) for the step: `backend` for each op family
     it implements here, automatic choice for the other; skip if it implements neither."""
     dev = device_for(backend)
-    attn_ok = _dispatch.attention_error(backend, dev, torch.float32, D) is None
-    route_ok = _dispatch.routing_error(backend, dev) is None
+    attention = ek.supports("sc_attention", device=dev, dtype=torch.float32, head_dim=D, backend=backend)
+    routing = ek.supports("gather_tokens", device=dev, backend=backend)
+    attn_ok, route_ok = bool(attention), bool(routing)
     if backend == "triton" and dev == "cpu":
         # Under TRITON_INTERPRET=1 a triton_op is traced by running its body, whose
         # interpreted launch needs real memory; enat_kernels/triton/sc_attention.py makes
@@ -52,7 +52,7 @@ def _families(backend: str):
         # not, so the routing side of the step runs on the automatic (cpu) backend.
         route_ok = False
     if not (attn_ok or route_ok):
-        pytest.skip(_dispatch.routing_error(backend, dev) or _dispatch.attention_error(backend, dev, torch.float32, D))
+        pytest.skip(routing.reason or attention.reason)
     return dev, (backend if attn_ok else None), (backend if route_ok else None)
 
 

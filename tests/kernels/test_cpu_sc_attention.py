@@ -16,15 +16,14 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch
 from enat_kernels.reference import sc_attention_ref
 
 from support.attention_cases import AttnCase, make_inputs, make_varlen_inputs
 from support.attention_checks import compare, forward_backward
 from support.paths import TESTS
 
-CPU_ERR = _dispatch.attention_error("cpu", "cpu", torch.float32, 64)
-pytestmark = pytest.mark.skipif(CPU_ERR is not None, reason=str(CPU_ERR))
+CPU_ERR = ek.supports("sc_attention", device="cpu", dtype=torch.float32, head_dim=64, backend="cpu").reason
+pytestmark = pytest.mark.skipif(bool(CPU_ERR), reason=CPU_ERR)
 
 OPS = torch.ops.enat_kernels
 

@@ -359,10 +359,8 @@ def _cuda_inputs(case, dtype, gen):
 
 
 def _skip_unless_cuda_backend(dtype=torch.float16, head_dim=64):
-    from enat_kernels import _dispatch
-
-    err = _dispatch.attention_error("cuda", "cuda", dtype, head_dim)
-    if err is not None:
+    err = ek.supports("sc_attention", device="cuda", dtype=dtype, head_dim=head_dim, backend="cuda").reason
+    if err:
         pytest.skip(err)
 
 

@@ -205,6 +205,12 @@ CASES = [
     ("module-x-width", module_call(x_shape=(2, 3, 8)), ValueError, "x must have shape (batch, tokens, 16), got (2, 3, 8)"),
     ("module-cond-width", module_call(cond_shape=(2, 3, 8)), ValueError, "cond must have shape (batch, tokens, 16), got (2, 3, 8)"),
     ("module-cond-batch", module_call(cond_shape=(3, 4, 16)), ValueError, "cond has batch 3 but x has batch 2"),
+    # -- supports
+    ("supports-op", lambda: ek.supports("flash_attention", device="cpu"), ValueError, "op must be one of ('sc_attention', 'sc_attention_varlen', 'mask_to_indices', "),
+    ("supports-no-inputs", lambda: ek.supports("sc_attention"), TypeError, "supports() needs the op's tensors or device="),
+    ("supports-both", lambda: ek.supports("sc_attention", *dense().values(), device="cpu"), TypeError, "supports() takes the op's tensors or device/dtype/head_dim, not both"),
+    ("supports-not-tensor", lambda: ek.supports("gather_tokens", [[1.0]]), TypeError, "supports() takes the op's tensors, got list"),
+    ("supports-backend-name", lambda: ek.supports("gather_tokens", device="cpu", backend="cudnn"), ValueError, "backend must be one of ('triton', 'cuda', 'cpu', 'torch') or None, got 'cudnn'"),
 ]
 
 
@@ -266,10 +272,10 @@ def test_forced_cuda_backend_needs_sm80(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    err = _dispatch.attention_error("cuda", "cuda", torch.float16, 64)
+    err = ek.supports("sc_attention", device="cuda", dtype=torch.float16, head_dim=64, backend="cuda").reason
     assert err == "the cuda backend needs compute capability 8.0 or newer, the device cuda:0 has 7.5"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert _dispatch.attention_error("cuda", "cuda", torch.float16, 64) is None
+    assert ek.supports("sc_attention", device="cuda", dtype=torch.float16, head_dim=64, backend="cuda").backend == "cuda"
 
 
 def test_backend_env_variable_is_checked(monkeypatch):

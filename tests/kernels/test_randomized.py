@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import enat_kernels as ek
-from enat_kernels import _dispatch
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
 
 from support.attention_cases import make_varlen_inputs
@@ -39,9 +38,9 @@ DENSE_LAYOUTS = ("contiguous", "fused_qkv", "fused_heads", "transposed", "broadc
 def _attention_combos(backend: str):
     """(dtype, head_dim) pairs the backend supports on its device; skip if none."""
     dev = device_for(backend)
-    combos = [(dt, d) for dt in ATTN_DTYPES for d in HEAD_DIMS if _dispatch.attention_error(backend, dev, dt, d) is None]
+    combos = [(dt, d) for dt in ATTN_DTYPES for d in HEAD_DIMS if ek.supports("sc_attention", device=dev, dtype=dt, head_dim=d, backend=backend)]
     if not combos:
-        pytest.skip(_dispatch.attention_error(backend, dev, torch.float32, 64))
+        pytest.skip(ek.supports("sc_attention", device=dev, dtype=torch.float32, head_dim=64, backend=backend).reason)
     return dev, combos
 
 

@@ -36,8 +36,8 @@ from enat_kernels.triton import sc_attention_config as config  # noqa: E402
 from enat_kernels.triton import sc_attention_kernels as kernels  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-_ERR = _dispatch.attention_error("triton", DEVICE, torch.float32, 64)
-pytestmark = pytest.mark.skipif(_ERR is not None, reason=f"triton backend unavailable: {_ERR}")
+_ERR = ek.supports("sc_attention", device=DEVICE, dtype=torch.float32, head_dim=64, backend="triton").reason
+pytestmark = pytest.mark.skipif(bool(_ERR), reason=f"triton backend unavailable: {_ERR}")
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 

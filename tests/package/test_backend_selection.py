@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.abc
+import logging
+import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -44,6 +47,13 @@ def _fail_import(monkeypatch, names, error):
     monkeypatch.setattr(ek_triton, "_LOAD_ERRORS", {})
 
 
+@contextlib.contextmanager
+def warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
 def _triton_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,7 +80,7 @@ def test_failing_attention_module_leaves_routing_and_other_backends(monkeypatch,
     assert torch.isfinite(ek.sc_attention(q, None, None, q, q)).all()
     with pytest.raises(ValueError, match=type(error).__name__):
         ek.sc_attention(q, None, None, q, q, backend="triton")
-    name, msg = _dispatch._choose_attention(None, "cuda:0", torch.float16, 64, 8, 8)
+    name, msg = _dispatch._choose_attention(None, "cuda:0", torch.float16, 64)
     assert msg is None and name in ("cuda", "torch")
 
 
@@ -129,15 +139,15 @@ def test_cuda_capability_is_read_from_the_inputs_device(monkeypatch, current):
 @pytest.mark.parametrize("current", [0, 1])
 def test_selection_uses_the_inputs_device(monkeypatch, current):
     _pretend_cuda(monkeypatch, {0: (7, 5), 1: (8, 0)}, current=current)
-    monkeypatch.setattr(_dispatch, "_cuda_attention_order", lambda *a: ("cuda", "triton"))
+    monkeypatch.setitem(_dispatch.AUTO_ORDER, ("cuda", "sc_attention"), ("cuda", "triton"))
     sel = _dispatch.select_attention
-    assert sel(None, torch.device("cuda", 1), torch.float16, 64, 8, 8) == "cuda"
-    assert sel("cuda", torch.device("cuda", 1), torch.float16, 64, 8, 8) == "cuda"
+    assert sel(None, torch.device("cuda", 1), torch.float16, 64) == "cuda"
+    assert sel("cuda", torch.device("cuda", 1), torch.float16, 64) == "cuda"
     monkeypatch.setattr(_dispatch, "_warned", set())
     with pytest.warns(RuntimeWarning, match="cuda:0 has 7.5"):
-        assert sel(None, torch.device("cuda", 0), torch.float16, 64, 8, 8) == "triton"
+        assert sel(None, torch.device("cuda", 0), torch.float16, 64) == "triton"
     with pytest.raises(ValueError, match="cuda:0 has 7.5"):
-        sel("cuda", torch.device("cuda", 0), torch.float16, 64, 8, 8)
+        sel("cuda", torch.device("cuda", 0), torch.float16, 64)
 
 
 def test_triton_table_follows_the_inputs_device(monkeypatch):
@@ -222,3 +232,99 @@ def test_interpreter_refused_where_triton_cannot_run_it(monkeypatch, triton_vers
     assert (err is not None) == fails
     if fails:
         assert f"Triton {triton_version}" in err and f"numpy {numpy_version}" in err and "numpy<2.4" in err
+
+
+# ----------------------------------------------------------------------------- the public query
+
+
+def _attention_inputs(gen, D=16, dtype=torch.float32, N=5, Nc=3):
+    return tuple(torch.randn(2, n, 2, D, generator=gen).to(dtype) for n in (N, Nc, Nc, N, N))
+
+
+@pytest.mark.parametrize("backend", [None, *ek.BACKENDS])
+@pytest.mark.parametrize("D, dtype", [(16, torch.float32), (24, torch.float32), (16, torch.float64), (32, torch.float16)])
+def test_supports_answers_as_the_op_selects(backend, D, dtype, gen, caplog, monkeypatch):
+    """On CPU tensors, supports() names the backend the op then runs (read from the log),
+    or the reason the forced op then raises; it warns nothing itself."""
+    monkeypatch.delenv("ENAT_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    inputs = _attention_inputs(gen, D, dtype)
+    with warnings_as_errors():
+        answer = ek.supports("sc_attention", *inputs, backend=backend)
+    assert answer == ek.supports("sc_attention", device="cpu", dtype=dtype, head_dim=D, backend=backend)
+    if answer.backend is None:
+        assert backend is not None and answer.reason and not answer
+        with pytest.raises(ValueError, match=re.escape(f"backend={backend!r} cannot run these inputs: {answer.reason}")):
+            ek.sc_attention(*inputs, backend=backend)
+        return
+    assert answer and (answer.backend == backend or backend is None)
+    caplog.set_level(logging.INFO, logger="enat_kernels")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # auto's own skip warnings
+        out = ek.sc_attention(*inputs, backend=backend)
+    assert torch.isfinite(out).all()
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sc_attention: backend ")]
+    assert chosen and chosen[-1].startswith(f"sc_attention: backend {answer.backend} ("), chosen
+
+
+def test_supports_on_cpu_tensors_names_each_backend(gen):
+    q = _attention_inputs(gen)[0]
+    assert ek.supports("sc_attention", q, backend="torch") == ek.Support("torch", "")
+    cuda = ek.supports("sc_attention", q, backend="cuda")
+    assert cuda.backend is None and cuda.reason == "the cuda backend runs on CUDA tensors, got cpu tensors"
+    cpu_status = ek.backends("cpu")["cpu"]
+    assert ek.supports("sc_attention", q).backend == ("cpu" if cpu_status else "torch")
+    assert ek.supports("gather_tokens", torch.randn(2, 4, 3), backend="cpu").backend == ("cpu" if cpu_status else None)
+    if ek_triton.triton_error("cpu") is None:  # the interpreter: float32 and float16 only
+        assert ek.supports("sc_attention", q, backend="triton").backend == "triton"
+        bf16 = ek.supports("sc_attention", q.bfloat16(), backend="triton")
+        assert bf16.reason == "the Triton interpreter (CPU) does not support bfloat16"
+        odd = ek.supports("sc_attention", device="cpu", dtype=torch.float32, head_dim=24, backend="triton")
+        assert odd.reason == "the triton backend does not support head_dim 24 (supports (16, 32, 64, 128))"
+
+
+def test_supports_with_mocked_cuda_devices(monkeypatch):
+    """Two pretended GPUs, cuda:0 pre-Ampere: the answer reads the inputs' own device and
+    follows the automatic order of the table (attention: triton first; routing: cuda first)."""
+    _pretend_cuda(monkeypatch, {0: (7, 5), 1: (9, 0)}, current=1)
+    f16 = dict(dtype=torch.float16, head_dim=64)
+    with warnings_as_errors():
+        assert ek.supports("sc_attention", device="cuda:1", **f16, backend="cuda") == ek.Support("cuda", "")
+        old = ek.supports("sc_attention", device="cuda:0", **f16, backend="cuda")
+        assert old == ek.Support(None, "the cuda backend needs compute capability 8.0 or newer, the device cuda:0 has 7.5")
+        assert ek.supports("sc_attention", device="cuda", **f16, backend="cuda").backend == "cuda"  # current: cuda:1
+        assert ek.supports("sc_attention", device="cuda:1", **f16).backend == _dispatch.AUTO_ORDER[("cuda", "sc_attention")][0]
+        assert ek.supports("gather_tokens", device="cuda:0").backend == _dispatch.AUTO_ORDER[("cuda", "routing")][0]
+        monkeypatch.setitem(_dispatch.AUTO_ORDER, ("cuda", "sc_attention"), ("cuda", "triton"))
+        skipped = ek.supports("sc_attention", device="cuda:0", **f16)
+        assert skipped == ek.Support("triton", f"cuda: {old.reason}")
+        f32 = ek.supports("sc_attention", device="cuda:1", dtype=torch.float32, head_dim=64)
+        assert f32.backend == "triton" and "does not support dtype float32" in f32.reason
+
+
+def test_automatic_order_is_the_documented_one():
+    """The order the README states: on CUDA tensors SC-Attention tries triton then cuda,
+    routing cuda then triton; on CPU tensors the cpu backend; torch always last."""
+    assert _dispatch.auto_order("cuda", "sc_attention") == ("triton", "cuda", "torch")
+    assert _dispatch.auto_order("cuda", "routing") == ("cuda", "triton", "torch")
+    assert _dispatch.auto_order("cpu", "sc_attention") == _dispatch.auto_order("cpu", "routing") == ("cpu", "torch")
+    assert _dispatch.auto_order("mps", "routing") == ("torch",)
+
+
+def test_one_automatic_order_for_the_model(monkeypatch):
+    """enat's `--backend auto` picks the first backend of the table's attention order."""
+    from enat import backends as enat_backends
+
+    _pretend_cuda(monkeypatch, {0: (9, 0)})
+    assert enat_backends.fused_backend_for(torch.device("cuda")) == _dispatch.AUTO_ORDER[("cuda", "sc_attention")][0]
+    monkeypatch.setitem(_dispatch.AUTO_ORDER, ("cuda", "sc_attention"), ("cuda", "triton"))
+    assert enat_backends.fused_backend_for(torch.device("cuda")) == "cuda"
+
+
+def test_backends_for_a_device(monkeypatch):
+    """backends(device) reports each backend for tensors on that device."""
+    report = ek.backends("cpu")
+    assert report["cuda"].reason == "the cuda backend runs on CUDA tensors, got cpu tensors"
+    assert report["torch"] and report["cpu"].available == ek.backends()["cpu"].available
+    _pretend_cuda(monkeypatch, {0: (9, 0)})
+    assert not ek.backends("cuda")["cpu"]

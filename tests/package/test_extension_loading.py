@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch, _extension
+from enat_kernels import _extension
 
 
 def test_compiled_extension_loads_when_built():
@@ -95,10 +95,10 @@ def test_import_survives_a_broken_extension_and_falls_back():
 
 def test_forced_backend_env_variable(monkeypatch):
     monkeypatch.setenv("ENAT_KERNELS_BACKEND", "torch")
-    assert _dispatch.select_attention(None, torch.device("cpu"), torch.float32, 64, 8, 8) == "torch"
+    assert ek.supports("sc_attention", device="cpu", dtype=torch.float32, head_dim=64).backend == "torch"
     monkeypatch.setenv("ENAT_KERNELS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="backend must be one of"):
-        _dispatch.select_attention(None, torch.device("cpu"), torch.float32, 64, 8, 8)
+        ek.supports("sc_attention", device="cpu", dtype=torch.float32, head_dim=64)
 
 
 def test_backend_choice_is_logged_when_asked(caplog):

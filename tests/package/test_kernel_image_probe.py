@@ -51,16 +51,16 @@ def test_backends_say_why_cuda_cannot_run(fake_gpu):
 
 def test_auto_selection_falls_back_and_forcing_cuda_says_why(fake_gpu):
     dev = torch.device("cuda")
-    assert _dispatch.select_attention(None, dev, torch.bfloat16, 64, 128, 128) == "torch"
+    assert _dispatch.select_attention(None, dev, torch.bfloat16, 64) == "torch"
     assert _dispatch.select_routing(None, dev, "gather_rows") == "torch"
     with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs: no kernel image"):
-        _dispatch.select_attention("cuda", dev, torch.bfloat16, 64, 128, 128)
+        _dispatch.select_attention("cuda", dev, torch.bfloat16, 64)
 
 
 def test_device_with_an_image_keeps_cuda(fake_gpu):
     fake_gpu.answer = None
     assert ek.backends()["cuda"].available
-    assert _dispatch.select_attention(None, torch.device("cuda"), torch.bfloat16, 64, 128, 128) == "cuda"
+    assert _dispatch.select_attention(None, torch.device("cuda"), torch.bfloat16, 64) == "cuda"
 
 
 def test_probe_runs_once_per_device(fake_gpu):
@@ -77,5 +77,5 @@ def test_probe_asks_about_the_inputs_device(fake_gpu):
     _dispatch.backend_error("cuda", "cuda:1")
     assert fake_gpu.calls == [1]
     assert _dispatch.select_routing(None, torch.device("cuda", 1), "gather_rows") == "cuda"
-    assert _dispatch.select_attention(None, torch.device("cuda", 1), torch.bfloat16, 64, 128, 128) == "cuda"
+    assert _dispatch.select_attention(None, torch.device("cuda", 1), torch.bfloat16, 64) == "cuda"
     assert fake_gpu.calls == [1]  # probed once, for device 1 only

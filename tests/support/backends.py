@@ -7,7 +7,7 @@ backend is covered as soon as its kernels load, and skips with its own reason ot
 import pytest
 import torch
 
-from enat_kernels import _dispatch
+import enat_kernels as ek
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -20,15 +20,15 @@ def device_for(backend: str) -> str:
 
 def skip_unless_runs(backend: str, dtype, head_dim: int) -> None:
     """Skip the test unless `backend` runs SC-Attention for this dtype and head_dim here."""
-    err = _dispatch.attention_error(backend, device_for(backend), dtype, head_dim)
-    if err is not None:
+    err = ek.supports("sc_attention", device=device_for(backend), dtype=dtype, head_dim=head_dim, backend=backend).reason
+    if err:
         pytest.skip(err)
 
 
 def skip_unless_routes(backend: str) -> str:
     """The device `backend` runs the routing ops on here; skips the test with its reason if none."""
     dev = device_for(backend)
-    err = _dispatch.routing_error(backend, dev)
-    if err is not None:
+    err = ek.supports("gather_tokens", device=dev, backend=backend).reason
+    if err:
         pytest.skip(err)
     return dev
