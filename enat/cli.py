@@ -199,7 +199,7 @@ def _threads_error(requested: int | None) -> str | None:
 def _cpu_threads(requested: int | None) -> tuple[int, str]:
     """Threads for CPU sampling, and why.  OpenMP threads that wait for each other at
     every op collapse when the cores are already busy (measured: 2 threads 5x slower
-    than 1 on a 2-core machine at load 7), so a busy machine gets one thread.
+    than 1 on 2 cores at load 7), so a busy machine gets one thread.
     Raises ValueError for a count outside [1, MAX_THREADS]."""
     error = _threads_error(requested)
     if error is not None:

@@ -1,4 +1,4 @@
-"""The ENAT model (ENAT_SPEC.md) on enat_kernels' routing and SC-Attention ops.
+"""The published ENAT model on enat_kernels' routing and SC-Attention ops.
 
 Module and parameter names follow the released checkpoints, so
 ``ENAT(config).load_state_dict(torch.load("nnet_ema.pth"), strict=True)`` works.
@@ -184,10 +184,10 @@ class MlmLayer(nn.Module):
 
 
 class ENATBlock(nn.Module):
-    """A DiT-style adaLN block whose attention is SC-Attention (ENAT_SPEC.md, "A block").
+    """A DiT-style adaLN block whose attention is SC-Attention.
 
     Two ways through it, same math:
-    - reference (backend "torch"): the spec's formulas op by op;
+    - reference (backend "torch"): the published formulas op by op;
     - fused (every other backend): q and kv.B (both read the same normalized input)
       in one GEMM, modulation and gated residuals as single addcmul passes, and the
       cond segment's LayerNorm taken from the caller (it is the same tensor for all

@@ -1,4 +1,4 @@
-"""MaskGIT-style sampling with computation reuse (ENAT_SPEC.md, "Sampler").
+"""MaskGIT-style sampling with computation reuse, as the published ENAT sampler.
 
 ``sample(model, labels, steps=8, ...)`` starts from all-masked token maps and, at each
 step, predicts every masked token, keeps the most confident ones and re-masks the
@@ -334,9 +334,9 @@ class CUDAGraphSampler:
     and registered with the graphs; ``__call__(labels, seeds)`` reseeds them, copies
     the labels into the static buffer and replays the steps.
 
-    NOT RUN in this project's CI: it needs a CUDA device, and none was available while
-    it was written.  The loop it captures is the same `_Sampler.step` that `sample`
-    runs (no host syncs, value checks off), which the CPU tests cover.
+    Its tests need a CUDA device (README, "Status" says where it has run).  The loop it
+    captures is the same `_Sampler.step` that `sample` runs (no host syncs, value
+    checks off), which the CPU tests cover.
     """
 
     def __init__(self, model: ENAT, batch_size: int, steps: int | Sequence[int] = 8, cfg: float = 2.5, *,

@@ -38,7 +38,7 @@ from torch import nn
 
 from .model import ENAT, ENATOutput, TokenCounts
 
-# Published training settings (ENAT_SPEC.md, "Training").
+# Published training settings (README.md, "What a step computes").
 LABEL_DROP = 0.15
 MASK_RATIO_BETA = (12, 3)
 REUSE_PROB = 0.5
@@ -103,7 +103,7 @@ def init_from_scratch(model: nn.Module, generator: torch.Generator | None = None
 
     Every Linear xavier-uniform with zero bias, the label table normal(std 0.02), each
     block's adaLN output Linear zeroed (weight and bias: every block starts as the
-    identity).  The spec leaves the rest open; here the word and position tables are
+    identity).  The published description leaves the rest open; here the word and position tables are
     normal(std 0.02), LayerNorms weight 1 / bias 0 and the head's bias 0.
     """
     m = unwrap(model)

@@ -1,4 +1,4 @@
-"""The ENAT model (backend "torch") against a direct implementation of ENAT_SPEC.md.
+"""The ENAT model (backend "torch") against a direct implementation of the published model (tests/enat_direct.py).
 
 Inputs are the token maps of a real sampling trajectory; each step is checked without
 reuse and with reuse (chained through `prev`), in float32, max abs difference < 1e-4.
@@ -173,7 +173,7 @@ def test_ragged_batch_equals_rows_alone(model, direct, trajectory):
 
 
 def test_state_dict_matches_the_released_checkpoints(model):
-    """Keys and shapes of ENAT_SPEC.md's 'Checkpoint keys' section."""
+    """Keys and shapes of the released checkpoints (nnet_ema.pth)."""
     c = model.config
     C, V, K, L, F = c.width, c.codebook_size, c.num_classes, c.tokens, 4 * c.width
     expected = {

@@ -2,7 +2,7 @@
 
 The stub returns, for every masked position, a fixed random row of logits that
 depends on the label and the position (peaked: one token far above the others).
-Knowing the logits, the tests recompute each step from ENAT_SPEC.md's formulas:
+Knowing the logits, the tests recompute each step from the published sampler's formulas:
 
 - guided logits = cond + g (cond - uncond), g = 0 at step 0, r_prev * cfg after;
 - with mask_temp = 0, the re-masked positions are the floor(L cos(r pi / 2)) masked
