@@ -40,7 +40,7 @@ def trajectory(model):
     """Labels and the input ids of every step of one sampling run (4 rows, 6 steps)."""
     labels = torch.tensor([3, 999, 1000, 42])  # 1000: the null class
     inputs = [torch.full((4, model.config.tokens), model.config.mask_id)]
-    sample(model, labels, steps=6, cfg=2.5, generator=torch.Generator().manual_seed(5),
+    sample(model, labels, steps=6, cfg_scale=2.5, generator=torch.Generator().manual_seed(5),
            callback=lambda info: inputs.append(info.ids.clone()))
     return labels, inputs[:-1]  # the last entry is the all-revealed output
 

@@ -112,7 +112,7 @@ def run_recorded(stub, labels, steps, cfg, **kw):
 
     _Sampler._choose = spy
     try:
-        out = sample(stub, labels, steps=steps, cfg=cfg, callback=lambda info: sampled.append((info.ids.clone(), info.sampled.clone())), **kw)
+        out = sample(stub, labels, steps=steps, cfg_scale=cfg, callback=lambda info: sampled.append((info.ids.clone(), info.sampled.clone())), **kw)
     finally:
         _Sampler._choose = choose
     return out, guided, inputs, sampled
