@@ -6,7 +6,8 @@ A path counts when it starts at the repository root with one of the top-level fo
 stop the match: only the folder before them is checked; nor are output paths
 given to ``--out`` or a shell redirection.  Python files are read for comments and
 docstrings only (their string literals may name files that tests create); other text
-files are read whole.  ``benchmarks/results/`` holds dated records and is skipped.
+files are read whole.  ``benchmarks/results/`` holds dated records and is skipped, as are
+build outputs, hidden folders (but ``.ci/``) and virtual environments.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def _text_files():
             d for d in dirnames
             if (not d.startswith(".") or d == ".ci") and d not in SKIP_DIRS and not d.endswith(".egg-info")
             and os.path.normpath(os.path.join(rel, d)) != os.path.join("benchmarks", "results")
+            and not os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg"))  # a virtual environment
         )
         for name in sorted(filenames):
             if name.endswith(TEXT_SUFFIXES) or rel == ".ci":
