@@ -270,26 +270,26 @@ class _Refused(Exception):
 
 def _main(args) -> int:
     try:
-        slices_dir, old = _checked_output(args)
-        device, dtype, why_threads, distributed, rank, world = _placement(args)
-        model, origin, settings, fused = _prepared_model(args, device, dtype)
-        _announce(args, model, origin, settings, fused, device, dtype, why_threads, rank, world)
-        decoder = _checked_decoder(args, model.config, device, rank)
+        return _run(args)
     except _Refused as e:
         print(f"enat-sample: {e}", file=sys.stderr)
         return 2
+
+
+def _run(args) -> int:
+    """Check, set up, sample every slice, report and save; _Refused before any sampling work."""
+    slices_dir, old = _checked_output(args)
+    device, dtype, why_threads, distributed, rank, world = _placement(args)
+    model, origin, settings, fused = _prepared_model(args, device, dtype)
+    _announce(args, model, origin, settings, fused, device, dtype, why_threads, rank, world)
+    decoder = _checked_decoder(args, model.config, device, rank)
 
     if rank == 0 and (args.overwrite or args.resume):
         for f in (old if args.overwrite else []) + stale_temporaries(slices_dir):
             os.remove(f)
     if distributed:
         torch.distributed.barrier()
-
-    try:
-        result, runner = _sample_slices(args, model, settings, fused, device, slices_dir, rank, world)
-    except _Refused as e:
-        print(f"enat-sample: {e}", file=sys.stderr)
-        return 2
+    result, runner = _sample_slices(args, model, settings, fused, device, slices_dir, rank, world)
 
     if distributed:
         everyone = [None] * world

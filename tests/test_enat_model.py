@@ -20,8 +20,8 @@ CFG = "e2d1-c64h2-l64"
 TOL = 1e-4
 
 
-def build(cfg=CFG, backend="torch", seed=1):
-    return responsive_model(cfg, seed=seed, backend=backend)
+def build(config=CFG, backend="torch", seed=1):
+    return responsive_model(config, seed=seed, backend=backend)
 
 
 @pytest.fixture(scope="module")

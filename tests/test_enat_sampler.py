@@ -90,7 +90,7 @@ def test_batched_guidance_equals_two_passes(model, backend):
 
 
 def test_guidance_matters(model):
-    """cfg changes most tokens of every conditional row (else the guidance tests above
+    """cfg_scale changes most tokens of every conditional row (else the guidance tests above
     could pass with guidance ignored), and none of an unconditional one."""
     labels = torch.tensor([10, 20, 30, 1000])
     a = sample(model, labels, steps=6, cfg_scale=0.0, generator=torch.Generator().manual_seed(3))
@@ -109,7 +109,7 @@ def test_head_on_masked_tokens_equals_head_on_all(model):
 
 def test_guidance_and_temperatures_per_step():
     plan = SamplingPlan.build(64, [4], cfg_scale=2.0, mask_temp=1.5, samp_temp=6.0)
-    assert [g[0] for g in plan.guidance] == [0.0, 0.5, 1.0, 1.5]  # r_prev * cfg, 0 at step 0
+    assert [g[0] for g in plan.guidance] == [0.0, 0.5, 1.0, 1.5]  # r_prev * cfg_scale, 0 at step 0
     assert [t[0] for t in plan.mask_temp] == pytest.approx([1.125, 0.75, 0.375, 0.0])
     assert [t[0] for t in plan.samp_temp] == pytest.approx([4.5, 3.0, 1.5, 1e-3])
 
