@@ -1,6 +1,6 @@
 """Where the suite runs and how it times: device, dtype, threads, clocks, peaks, the runner.
 
-Timing rules (DESIGN.md, "How speed is judged"):
+Timing rules (also in benchmarks/README.md, "Timing"):
 
 - GPU: each pytest-benchmark round is timed with CUDA events recorded on the current
   stream (`cuda_event_clock`), so the number is device time, not host time.  Inside a

@@ -73,12 +73,12 @@ class _RandomTokens:
 
 def make_trainer(shape: TrainShape, backend: str, device: torch.device, precision: str = "fp32") -> Trainer:
     """A single-process Trainer of `shape` whose steps all reuse (or none do), same weights and draws for every backend."""
-    cfg = get_config(shape.config)
-    model = ENAT(cfg, backend=backend)
+    config = get_config(shape.config)
+    model = ENAT(config, backend=backend)
     model.reset_parameters(torch.Generator().manual_seed(0))  # random non-zero weights (from scratch, adaLN is zero)
     settings = TrainSettings(global_batch=shape.batch, seed=0, steps=1 << 30, warmup=10, precision=precision,
                              reuse_prob=1.0 if shape.reuse else 0.0)
-    return Trainer(model, _RandomTokens(cfg, 4 * shape.batch, device), settings, out_dir="", device=device)
+    return Trainer(model, _RandomTokens(config, 4 * shape.batch, device), settings, out_dir="", device=device)
 
 
 def step_call(trainer: Trainer, sync) -> callable:

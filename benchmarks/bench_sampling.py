@@ -39,7 +39,7 @@ class SampleShape:
 
 
 MODEL_CONFIGS_GPU = [
-    # Issue 6's GPU target: ENAT-L at 256 px, 250 images, 8 steps with guidance.
+    # The GPU target: ENAT-L at 256 px, 250 images, 8 steps with guidance.
     SampleShape("enat-l-256", B=250, steps=8, smoke=True),
     SampleShape("enat-l-512", B=16, steps=8),
 ]

@@ -2,7 +2,7 @@
 
     >>> import torch, enat
     >>> model = enat.ENAT("e4d2-c256h4-l256").eval()
-    >>> tokens = enat.sample(model, torch.tensor([1, 2]), steps=8, cfg=2.5,
+    >>> tokens = enat.sample(model, torch.tensor([1, 2]), steps=8, cfg_scale=2.5,
     ...                      generator=torch.Generator().manual_seed(0))
 """
 

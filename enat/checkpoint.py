@@ -61,11 +61,11 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
                         f"{tuple(expected[k].shape)} in the model")
     if problems:
         hint = ""
-        cfg = getattr(model, "config", None)
+        config = getattr(model, "config", None)
         try:
-            guess = infer_config(state, heads=getattr(cfg, "heads", None), depth_dec=getattr(cfg, "depth_dec", None), quiet=True)
-            if cfg is not None and guess != cfg:
-                hint = f"; the checkpoint looks like configuration {guess.name}, the model is {cfg.name}"
+            guess = infer_config(state, heads=getattr(config, "heads", None), depth_dec=getattr(config, "depth_dec", None), quiet=True)
+            if config is not None and guess != config:
+                hint = f"; the checkpoint looks like configuration {guess.name}, the model is {config.name}"
         except CheckpointError:
             pass
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems) + hint)

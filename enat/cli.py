@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=16, help="samples to generate (default 16)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="samples per batch, and per resumable slice (default 8)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (published: 8)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (published: 2.5 at 256 px, 3.5 at 512 px)")
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg_scale", type=float, default=None,
+                   help="classifier-free guidance scale (published: 2.5 at 256 px, 3.5 at 512 px); --cfg is an alias")
     p.add_argument("--mask-temp", type=float, default=None, help="masking temperature (published: 1.5)")
     p.add_argument("--samp-temp", type=float, default=None, help="sampling temperature (published: 6 at 256 px, 4 at 512 px)")
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i) (default 0)")
@@ -145,13 +146,13 @@ class SliceRunner:
         if backend == self.fused and self.graphs is not None:
             B = labels.shape[0]
             if B not in self.graphs:  # captured once per batch size (the capture is not timed)
-                self.graphs[B] = CUDAGraphSampler(self.model, B, st["steps"], st["cfg"], mask_temp=st["mask_temp"],
+                self.graphs[B] = CUDAGraphSampler(self.model, B, st["steps"], st["cfg_scale"], mask_temp=st["mask_temp"],
                                                   samp_temp=st["samp_temp"], backend=backend)
                 t0 = time.perf_counter()
             out = self.graphs[B](labels, seeds)
         else:
             gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-            out = sample(self.model, labels, st["steps"], st["cfg"], mask_temp=st["mask_temp"], samp_temp=st["samp_temp"],
+            out = sample(self.model, labels, st["steps"], st["cfg_scale"], mask_temp=st["mask_temp"], samp_temp=st["samp_temp"],
                          generator=gens, backend=backend)
         tokens = out.cpu()  # waits for the device
         return tokens, time.perf_counter() - t0
@@ -199,7 +200,7 @@ def _threads_error(requested: int | None) -> str | None:
 def _cpu_threads(requested: int | None) -> tuple[int, str]:
     """Threads for CPU sampling, and why.  OpenMP threads that wait for each other at
     every op collapse when the cores are already busy (measured: 2 threads 5x slower
-    than 1 on a 2-core machine at load 7), so a busy machine gets one thread.
+    than 1 on 2 cores at load 7), so a busy machine gets one thread.
     Raises ValueError for a count outside [1, MAX_THREADS]."""
     error = _threads_error(requested)
     if error is not None:
@@ -229,7 +230,7 @@ def _argument_error(args) -> str | None:
             return f"{name} must be at least {low}, got {value}"
     if _threads_error(args.threads) is not None:
         return _threads_error(args.threads)
-    for name, value in (("--cfg", args.cfg), ("--mask-temp", args.mask_temp), ("--samp-temp", args.samp_temp)):
+    for name, value in (("--cfg-scale", args.cfg_scale), ("--mask-temp", args.mask_temp), ("--samp-temp", args.samp_temp)):
         if value is not None and not math.isfinite(value):
             return f"{name} must be a finite number, got {value}"
     for name, value in (("--mask-temp", args.mask_temp), ("--samp-temp", args.samp_temp)):
@@ -263,79 +264,133 @@ def _device(name: str | None) -> torch.device | str:
     return device
 
 
-def _main(args) -> int:
-    error = _argument_error(args)
-    if error is not None:
-        print(f"enat-sample: {error}", file=sys.stderr)
-        return 2
-    slices_dir = os.path.join(args.out, "slices")
-    old = saved_slices(slices_dir)
-    folders = [p for p in old if not os.path.isfile(p)]
-    if folders:  # never deleted, never read: not something this program wrote
-        print(f"enat-sample: {folders[0]} is a folder (or other non-file), not a slice; move it away or use another "
-              "output folder", file=sys.stderr)
-        return 2
-    if old and not (args.resume or args.overwrite):
-        print(f"enat-sample: {slices_dir} holds {len(old)} slices of an earlier run; pass --resume to keep them "
-              "or --overwrite to delete them", file=sys.stderr)
-        return 2
-    device = _device(args.device)
-    if isinstance(device, str):
-        print(f"enat-sample: {device}", file=sys.stderr)
-        return 2
-    why_threads = ""
-    if device.type == "cpu":
-        n_threads, why_threads = _cpu_threads(args.threads)
-        torch.set_num_threads(n_threads)
-    if args.cuda_graph and device.type != "cuda":
-        print("enat-sample: --cuda-graph needs --device cuda", file=sys.stderr)
-        return 2
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    distributed = init_from_env(device.type)
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
-    if device.type == "cuda" and distributed:
-        device = torch.device("cuda", torch.cuda.current_device())
+class _Refused(Exception):
+    """An argument or input that stops the run before any work: `enat-sample: <message>`, exit status 2."""
 
+
+def _main(args) -> int:
     try:
-        model, origin = _build_model(args, device, dtype)
-    except (CheckpointError, ValueError) as e:
+        return _run(args)
+    except _Refused as e:
         print(f"enat-sample: {e}", file=sys.stderr)
         return 2
-    cfg = model.config
-    if args.klass is not None and args.klass >= cfg.num_classes:
-        print(f"enat-sample: --class must lie in [0, {cfg.num_classes - 1}] ({cfg.name} has {cfg.num_classes} classes), got {args.klass}",
-              file=sys.stderr)
-        return 2
-    pub = sampling_settings(cfg)
-    settings = dict(steps=pub.steps if args.steps is None else args.steps, cfg=pub.cfg_scale if args.cfg is None else args.cfg,
-                    mask_temp=pub.mask_temp if args.mask_temp is None else args.mask_temp,
-                    samp_temp=pub.samp_temp if args.samp_temp is None else args.samp_temp)
-    fused = _fused_backend(args, device)
-    model.set_backend(fused)
-    desc, notes = _describe_fused(model, device, dtype)
 
-    n = torch.get_num_threads()
-    threads = f", {n} thread{'s' if n > 1 else ''}{why_threads}" if device.type == "cpu" else ""
-    _say(rank, f"enat-sample: {cfg.name} ({cfg.num_params() / 1e6:.1f}M parameters), {origin}")
-    _say(rank, f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
-               f"{settings['steps']} steps, cfg {settings['cfg']}, mask_temp {settings['mask_temp']}, samp_temp {settings['samp_temp']}")
-    _say(rank, f"  fused path: backend {desc}" + (", CUDA graphs" if args.cuda_graph else ""))
-    for note in notes:
-        _say(rank, f"  note: {note}")
 
-    try:  # before sampling: a checkpoint that is no VQGAN would otherwise fail after all the work
-        decoder = _load_decoder(args, cfg, device) if rank == 0 else None
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"enat-sample: --vq-checkpoint: {e}", file=sys.stderr)
-        return 2
+def _run(args) -> int:
+    """Check, set up, sample every slice, report and save; _Refused before any sampling work."""
+    slices_dir, old = _checked_output(args)
+    device, dtype, why_threads, distributed, rank, world = _placement(args)
+    model, origin, settings, fused = _prepared_model(args, device, dtype)
+    _announce(args, model, origin, settings, fused, device, dtype, why_threads, rank, world)
+    decoder = _checked_decoder(args, model.config, device, rank)
 
     if rank == 0 and (args.overwrite or args.resume):
         for f in (old if args.overwrite else []) + stale_temporaries(slices_dir):
             os.remove(f)
     if distributed:
         torch.distributed.barrier()
+    result, runner = _sample_slices(args, model, settings, fused, device, slices_dir, rank, world)
 
+    if distributed:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, runner.stats)
+    else:
+        everyone = [runner.stats]
+    if rank == 0:
+        _report(everyone, fused, args, world)
+        _save_outputs(args, model.config, result, decoder)
+        if args.profile:
+            _profile(model, fused, args, settings, device)
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _checked_output(args) -> tuple[str, list[str]]:
+    """The slices folder and the slices an earlier run left there; _Refused when the
+    arguments, or that folder without --resume / --overwrite, forbid the run."""
+    error = _argument_error(args)
+    if error is not None:
+        raise _Refused(error)
+    slices_dir = os.path.join(args.out, "slices")
+    old = saved_slices(slices_dir)
+    folders = [p for p in old if not os.path.isfile(p)]
+    if folders:  # never deleted, never read: not something this program wrote
+        raise _Refused(f"{folders[0]} is a folder (or other non-file), not a slice; move it away or use another output folder")
+    if old and not (args.resume or args.overwrite):
+        raise _Refused(f"{slices_dir} holds {len(old)} slices of an earlier run; pass --resume to keep them "
+                       "or --overwrite to delete them")
+    return slices_dir, old
+
+
+def _placement(args):
+    """(device, dtype, why the thread count, distributed, rank, world); sets the CPU
+    threads and joins the process group torchrun describes."""
+    device = _device(args.device)
+    if isinstance(device, str):
+        raise _Refused(device)
+    why_threads = ""
+    if device.type == "cpu":
+        n_threads, why_threads = _cpu_threads(args.threads)
+        torch.set_num_threads(n_threads)
+    if args.cuda_graph and device.type != "cuda":
+        raise _Refused("--cuda-graph needs --device cuda")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    distributed = init_from_env(device.type)
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device, dtype, why_threads, distributed, rank, world
+
+
+def _prepared_model(args, device, dtype):
+    """(model on the fused backend, where its weights come from, sampling settings, fused backend name)."""
+    try:
+        model, origin = _build_model(args, device, dtype)
+    except (CheckpointError, ValueError) as e:
+        raise _Refused(str(e)) from e
+    config = model.config
+    if args.klass is not None and args.klass >= config.num_classes:
+        raise _Refused(f"--class must lie in [0, {config.num_classes - 1}] ({config.name} has {config.num_classes} classes), "
+                       f"got {args.klass}")
+    pub = sampling_settings(config)
+    settings = dict(steps=pub.steps if args.steps is None else args.steps,
+                    cfg_scale=pub.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+                    mask_temp=pub.mask_temp if args.mask_temp is None else args.mask_temp,
+                    samp_temp=pub.samp_temp if args.samp_temp is None else args.samp_temp)
+    fused = _fused_backend(args, device)
+    model.set_backend(fused)
+    return model, origin, settings, fused
+
+
+def _announce(args, model, origin, settings, fused, device, dtype, why_threads, rank, world) -> None:
+    """What runs, on what, with which settings (rank 0 prints)."""
+    config = model.config
+    desc, notes = _describe_fused(model, device, dtype)
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n > 1 else ''}{why_threads}" if device.type == "cpu" else ""
+    _say(rank, f"enat-sample: {config.name} ({config.num_params() / 1e6:.1f}M parameters), {origin}")
+    _say(rank, f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
+               f"{settings['steps']} steps, cfg_scale {settings['cfg_scale']}, mask_temp {settings['mask_temp']}, "
+               f"samp_temp {settings['samp_temp']}")
+    _say(rank, f"  fused path: backend {desc}" + (", CUDA graphs" if args.cuda_graph else ""))
+    for note in notes:
+        _say(rank, f"  note: {note}")
+
+
+def _checked_decoder(args, config, device, rank):
+    """The VQGAN decoder (rank 0), loaded before sampling: a checkpoint that is no VQGAN
+    would otherwise fail after all the work."""
+    try:
+        return _load_decoder(args, config, device) if rank == 0 else None
+    except (CheckpointError, ValueError, OSError) as e:
+        raise _Refused(f"--vq-checkpoint: {e}") from e
+
+
+def _sample_slices(args, model, settings, fused, device, slices_dir, rank, world):
+    """Every slice of this rank, with a progress bar: (sample_many's result, the SliceRunner)."""
     labels = None if args.klass is None else (lambda i: args.klass)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # already reported as notes
@@ -347,25 +402,10 @@ def _main(args) -> int:
                                  on_slice=lambda done: progress.update(len(done.sample_indices), runner.last_seconds),
                                  **settings)
         except SliceError as e:  # raised before any slice is computed
+            raise _Refused(str(e)) from e
+        finally:
             progress.close()
-            print(f"enat-sample: {e}", file=sys.stderr)
-            return 2
-        progress.close()
-
-    if distributed:
-        everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, runner.stats)
-    else:
-        everyone = [runner.stats]
-    if rank == 0:
-        _report(everyone, fused, args, world)
-        _save_outputs(args, cfg, result, decoder)
-        if args.profile:
-            _profile(model, fused, args, settings, device)
-    if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return 0
+    return result, runner
 
 
 def _report(everyone, fused, args, world) -> None:
@@ -386,16 +426,16 @@ def _report(everyone, fused, args, world) -> None:
         print(f"  {'speedup:':<19}{f / r:8.2f}x")
 
 
-def _load_decoder(args, cfg, device):
+def _load_decoder(args, config, device):
     """The VQGAN decoder of --vq-checkpoint (None without it)."""
     from .vq import load_vq_decoder
 
     if not args.vq_checkpoint:
         return None
-    return load_vq_decoder(args.vq_checkpoint, codebook_size=cfg.codebook_size, device=device)
+    return load_vq_decoder(args.vq_checkpoint, codebook_size=config.codebook_size, device=device)
 
 
-def _save_outputs(args, cfg, result, decoder) -> None:
+def _save_outputs(args, config, result, decoder) -> None:
     from .vq import save_images, save_token_maps
 
     tokens = torch.as_tensor(result.tokens.astype(np.int64))
@@ -409,7 +449,7 @@ def _save_outputs(args, cfg, result, decoder) -> None:
         print(f"  images: {len(paths)} PNGs in {args.out} (decoded with {args.vq_checkpoint})")
     else:
         shown = tokens[:64]
-        npy, png = save_token_maps(shown, args.out, codebook_size=cfg.codebook_size)
+        npy, png = save_token_maps(shown, args.out, codebook_size=config.codebook_size)
         print(f"  preview: {png} -- TOKEN MAPS (one colour per code), NOT images; "
               f"pass --vq-checkpoint to decode images")
 
@@ -420,7 +460,7 @@ def _profile(model, fused, args, settings, device) -> None:
     labels = torch.arange(min(args.batch_size, args.num_samples)) % model.config.num_classes
     for be in [fused] + (["torch"] if args.compare else []):
         gen = torch.Generator(device=device).manual_seed(0)
-        cats = profile_sampling(lambda: sample(model, labels, settings["steps"], settings["cfg"], mask_temp=settings["mask_temp"],
+        cats = profile_sampling(lambda: sample(model, labels, settings["steps"], settings["cfg_scale"], mask_temp=settings["mask_temp"],
                                                samp_temp=settings["samp_temp"], generator=gen, backend=be))
         print(format_breakdown(cats, f"  profile, {be} path, one batch of {labels.shape[0]}"))
 

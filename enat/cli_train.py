@@ -203,8 +203,8 @@ def _train(args, on_step, distributed: bool) -> int:
     except (DataError, CheckpointError, ValueError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
-    cfg, s = trainer.config, trainer.settings
-    _say(rank, f"{PROG}: {cfg.name} ({cfg.num_params() / 1e6:.1f}M parameters), {origin}")
+    config, s = trainer.config, trainer.settings
+    _say(rank, f"{PROG}: {config.name} ({config.num_params() / 1e6:.1f}M parameters), {origin}")
     _say(rank, f"  data: {len(trainer.data)} rows from {len(trainer.data.files)} file(s); global batch {s.global_batch} "
                f"over {trainer.world} process(es); {trainer.device}, {s.precision}, backend "
                f"{trainer.model.resolved_backends().describe()}")
@@ -235,7 +235,7 @@ def _train(args, on_step, distributed: bool) -> int:
                 return 1
             unchecked = []
         if logs:
-            images, tokens = meter.rates(s.global_batch, cfg.tokens)
+            images, tokens = meter.rates(s.global_batch, config.tokens)
             _say(rank, f"  step {trainer.step}/{s.steps}  loss {running.item() / n:.4f}  lr {trainer.lr:.3g}  "
                        f"{tokens:,.0f} tokens/s  {images:.1f} images/s  epoch {trainer.stream.epoch_of(trainer.step):.2f}")
             running, n = None, 0

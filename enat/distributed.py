@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .model import ENAT
-from .sampler import sample
+from .sampler import PUBLISHED_CFG_SCALE, resolve_cfg_scale, sample
 
 
 def sample_seed(global_seed: int, index: int) -> int:
@@ -54,14 +54,19 @@ class RunSettings:
     slice_size: int
     global_seed: int
     steps: int
-    cfg: float
+    cfg_scale: float
     mask_temp: float
     samp_temp: float
     labels: str  # description of the label rule
     weights: str  # fingerprint of the model's weights
 
+    def record(self) -> dict:
+        """The settings as saved with the slices and in samples.npz.  The file format names
+        the guidance scale "cfg": slices saved by any version keep matching."""
+        return {("cfg" if k == "cfg_scale" else k): v for k, v in asdict(self).items()}
+
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha1(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -175,80 +180,50 @@ def sample_many(
     global_seed: int = 0,
     slice_size: int = 8,
     steps: int = 8,
-    cfg: float = 2.5,
+    cfg_scale: float = PUBLISHED_CFG_SCALE,
     mask_temp: float = 1.5,
     samp_temp: float = 6.0,
     labels: Callable[[int], int] | Sequence[int] | None = None,
     backend: str | None = "model",
     sample_fn: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
     on_slice: Callable[["SliceDone"], None] | None = None,
+    cfg: float | None = None,
 ) -> ScaleOutResult:
     """Generate `num_samples` token maps over all ranks of the default process group (or alone).
 
     Args:
+        steps, cfg_scale, mask_temp, samp_temp: as enat.sample's.
         labels: class of sample i: a function of i, a sequence of N classes, or None
             (i mod K).
         sample_fn: sample_fn(labels, seeds) -> tokens (B, h, w) replaces the default call
             of enat.sample with one generator per sample (e.g. a CUDAGraphSampler).
         on_slice: called with a SliceDone after each computed slice (progress bars,
             throughput, comparisons).
+        cfg: deprecated alias of cfg_scale (DeprecationWarning).
 
     Returns a ScaleOutResult; rank 0's holds every sample's tokens and labels in index order.
     """
-
+    cfg_scale = resolve_cfg_scale(cfg_scale, cfg, "sample_many")
     rank, world = _rank_world()
-    cfg_model = model.config
+    config = model.config
     if num_samples < 0 or slice_size < 1:
         raise ValueError(f"num_samples must be >= 0 and slice_size >= 1, got {num_samples}, {slice_size}")
-    if labels is None:
-        label_of, label_rule = balanced_labels(cfg_model.num_classes), f"i mod {cfg_model.num_classes}"
-    elif callable(labels):
-        label_of, label_rule = labels, getattr(labels, "__qualname__", "callable")
-    else:
-        seq = [int(x) for x in labels]
-        if len(seq) != num_samples:
-            raise ValueError(f"labels has {len(seq)} entries for {num_samples} samples")
-        label_of, label_rule = seq.__getitem__, hashlib.sha1(np.asarray(seq).tobytes()).hexdigest()[:16]
-    settings = RunSettings(cfg_model.name, num_samples, slice_size, global_seed, steps, cfg, mask_temp, samp_temp,
+    label_of, label_rule = _label_rule(labels, num_samples, config.num_classes)
+    settings = RunSettings(config.name, num_samples, slice_size, global_seed, steps, cfg_scale, mask_temp, samp_temp,
                            label_rule, weights_fingerprint(model))
-    key = settings.key()
     os.makedirs(out_dir, exist_ok=True)
-    device = next(model.parameters()).device
-    dtype = np.int16 if cfg_model.codebook_size < 2**15 else np.int32
-    h, w = cfg_model.grid
+    dtype = np.int16 if config.codebook_size < 2**15 else np.int32
 
-    n_slices = -(-num_samples // slice_size)
-    result = ScaleOutResult(None, None)
-    local: dict[int, np.ndarray] = {}
-    todo = []
-    # Every saved slice is checked before any is computed: a slice of other settings
-    # stops the run before it has spent time.
-    for j in range(rank, n_slices, world):
-        indices = np.arange(j * slice_size, min(num_samples, (j + 1) * slice_size), dtype=np.int64)
-        lab = np.asarray([label_of(int(i)) for i in indices], dtype=np.int64)
-        path = _slice_path(out_dir, j)
-        tokens = _load_slice(path, key, indices, lab, (h, w), cfg_model.codebook_size)
-        if tokens is not None:
-            result.skipped.append(j)
-            local[j] = tokens
-        else:
-            todo.append((j, indices, lab, path))
+    local, todo = _saved_slices_of_rank(settings, label_of, out_dir, config.grid, config.codebook_size, rank, world)
+    result = ScaleOutResult(None, None, skipped=list(local))
+
+    def default_sample_fn(lab: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds]
+        return sample(model, lab, steps, cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp, generator=gens, backend=backend)
+
     for j, indices, lab, path in todo:
-        seeds = [sample_seed(global_seed, int(i)) for i in indices]
-        t0 = time.perf_counter()
-        if sample_fn is None:
-            gens = [torch.Generator(device=device).manual_seed(sd) for sd in seeds]
-            out = sample(model, torch.as_tensor(lab), steps, cfg, mask_temp=mask_temp, samp_temp=samp_temp,
-                         generator=gens, backend=backend)
-        else:
-            out = sample_fn(torch.as_tensor(lab), seeds)
-        tokens = out.cpu().numpy().astype(dtype)  # waits for the device
-        seconds = time.perf_counter() - t0
-        _save_slice(path, key, indices, lab, tokens)
-        result.computed.append(j)
-        if on_slice is not None:
-            on_slice(SliceDone(j, indices, lab, seeds, tokens, seconds))
-        local[j] = tokens
+        local[j] = _compute_slice(sample_fn or default_sample_fn, settings, j, indices, lab, path, dtype, on_slice, result)
 
     # Gather every rank's slices on rank 0 (pickled numpy arrays; works with gloo and nccl).
     if world > 1:
@@ -258,17 +233,69 @@ def sample_many(
             for part in gathered:
                 local.update(part)
     if rank == 0:
-        tokens = np.zeros((num_samples, h, w), dtype=dtype)
-        for j, t in local.items():
-            tokens[j * slice_size : j * slice_size + t.shape[0]] = t
-        all_labels = np.asarray([label_of(i) for i in range(num_samples)], dtype=np.int64)
-        seeds = np.asarray([sample_seed(global_seed, i) for i in range(num_samples)], dtype=np.uint64)
-        result.path = os.path.join(out_dir, "samples.npz")
-        np.savez(result.path, tokens=tokens, labels=all_labels, seeds=seeds, settings=np.asarray(json.dumps(asdict(settings))))
-        result.tokens, result.labels = tokens, all_labels
+        _write_samples(result, local, settings, label_of, out_dir, config.grid, dtype)
     if world > 1:
         dist.barrier()
     return result
+
+
+def _label_rule(labels, num_samples: int, num_classes: int) -> tuple[Callable[[int], int], str]:
+    """(class of sample i, a description of that rule for the run's settings)."""
+    if labels is None:
+        return balanced_labels(num_classes), f"i mod {num_classes}"
+    if callable(labels):
+        return labels, getattr(labels, "__qualname__", "callable")
+    seq = [int(x) for x in labels]
+    if len(seq) != num_samples:
+        raise ValueError(f"labels has {len(seq)} entries for {num_samples} samples")
+    return seq.__getitem__, hashlib.sha1(np.asarray(seq).tobytes()).hexdigest()[:16]
+
+
+def _saved_slices_of_rank(settings: RunSettings, label_of, out_dir: str, grid, vocab: int, rank: int, world: int):
+    """This rank's slices (r, r + W, ...): ({slice: tokens} of those already saved, [(slice,
+    sample indices, labels, path)] of those to compute).  Every saved slice is checked
+    before any is computed: a slice of other settings stops the run before it has spent time."""
+    key, n, size = settings.key(), settings.num_samples, settings.slice_size
+    local: dict[int, np.ndarray] = {}
+    todo = []
+    for j in range(rank, -(-n // size), world):
+        indices = np.arange(j * size, min(n, (j + 1) * size), dtype=np.int64)
+        lab = np.asarray([label_of(int(i)) for i in indices], dtype=np.int64)
+        path = _slice_path(out_dir, j)
+        tokens = _load_slice(path, key, indices, lab, grid, vocab)
+        if tokens is not None:
+            local[j] = tokens
+        else:
+            todo.append((j, indices, lab, path))
+    return local, todo
+
+
+def _compute_slice(sample_fn, settings: RunSettings, j: int, indices, lab, path: str, dtype, on_slice,
+                   result: ScaleOutResult) -> np.ndarray:
+    """Sample one slice (one generator per sample), save it atomically, count it in result, report it to on_slice."""
+    seeds = [sample_seed(settings.global_seed, int(i)) for i in indices]
+    t0 = time.perf_counter()
+    out = sample_fn(torch.as_tensor(lab), seeds)
+    tokens = out.cpu().numpy().astype(dtype)  # waits for the device
+    seconds = time.perf_counter() - t0
+    _save_slice(path, settings.key(), indices, lab, tokens)
+    result.computed.append(j)
+    if on_slice is not None:
+        on_slice(SliceDone(j, indices, lab, seeds, tokens, seconds))
+    return tokens
+
+
+def _write_samples(result: ScaleOutResult, local, settings: RunSettings, label_of, out_dir: str, grid, dtype) -> None:
+    """Rank 0: every slice's tokens in index order, into result and samples.npz."""
+    n, size = settings.num_samples, settings.slice_size
+    tokens = np.zeros((n, *grid), dtype=dtype)
+    for j, t in local.items():
+        tokens[j * size : j * size + t.shape[0]] = t
+    all_labels = np.asarray([label_of(i) for i in range(n)], dtype=np.int64)
+    seeds = np.asarray([sample_seed(settings.global_seed, i) for i in range(n)], dtype=np.uint64)
+    result.path = os.path.join(out_dir, "samples.npz")
+    np.savez(result.path, tokens=tokens, labels=all_labels, seeds=seeds, settings=np.asarray(json.dumps(settings.record())))
+    result.tokens, result.labels = tokens, all_labels
 
 
 def init_from_env(device_type: str) -> bool:

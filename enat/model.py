@@ -1,4 +1,4 @@
-"""The ENAT model (ENAT_SPEC.md) on enat_kernels' routing and SC-Attention ops.
+"""The published ENAT model on enat_kernels' routing and SC-Attention ops.
 
 Module and parameter names follow the released checkpoints, so
 ``ENAT(config).load_state_dict(torch.load("nnet_ema.pth"), strict=True)`` works.
@@ -184,10 +184,10 @@ class MlmLayer(nn.Module):
 
 
 class ENATBlock(nn.Module):
-    """A DiT-style adaLN block whose attention is SC-Attention (ENAT_SPEC.md, "A block").
+    """A DiT-style adaLN block whose attention is SC-Attention.
 
     Two ways through it, same math:
-    - reference (backend "torch"): the spec's formulas op by op;
+    - reference (backend "torch"): the published formulas op by op;
     - fused (every other backend): q and kv.B (both read the same normalized input)
       in one GEMM, modulation and gated residuals as single addcmul passes, and the
       cond segment's LayerNorm taken from the caller (it is the same tensor for all
@@ -275,14 +275,14 @@ class ENAT(nn.Module):
         super().__init__()
         if not isinstance(config, (str, ENATConfig)):
             raise TypeError(f"config must be an ENATConfig or a configuration name (str), got {type(config).__name__}")
-        cfg = get_config(config) if isinstance(config, str) else config
-        self.config = cfg
-        C, V = cfg.width, cfg.codebook_size
-        self.x_embedder = TokenEmbedding(V + 1, C, cfg.tokens)
-        self.y_embedder = LabelEmbedding(cfg.num_classes, C)
-        self.prev_embedder = Mlp(C, cfg.mlp_ratio * C)  # in the checkpoints, unused by the model
-        self.prev_proj = PrevProj(C, cfg.mlp_ratio)
-        self.blocks = nn.ModuleList(ENATBlock(C, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth_enc + cfg.depth_dec))
+        config = get_config(config) if isinstance(config, str) else config
+        self.config = config
+        C, V = config.width, config.codebook_size
+        self.x_embedder = TokenEmbedding(V + 1, C, config.tokens)
+        self.y_embedder = LabelEmbedding(config.num_classes, C)
+        self.prev_embedder = Mlp(C, config.mlp_ratio * C)  # in the checkpoints, unused by the model
+        self.prev_proj = PrevProj(C, config.mlp_ratio)
+        self.blocks = nn.ModuleList(ENATBlock(C, config.heads, config.mlp_ratio) for _ in range(config.depth_enc + config.depth_dec))
         self.norm = nn.LayerNorm(C)  # eps 1e-5
         self.mlm_layer = MlmLayer(C, V + 1)
         self.backend = _backends.check_backend_name(backend)
@@ -364,26 +364,26 @@ class ENAT(nn.Module):
         return self.mlm_layer(h, w, self.config.codebook_size)
 
     def _check_inputs(self, ids, labels, prev):
-        cfg = self.config
+        config = self.config
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ids must be an integer (batch, tokens) tensor (int64 or int32), got {getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
-        if ids.shape[1] != cfg.tokens:
-            raise ValueError(f"ids has {ids.shape[1]} tokens per row but configuration {cfg.name} has {cfg.tokens}")
+        if ids.shape[1] != config.tokens:
+            raise ValueError(f"ids has {ids.shape[1]} tokens per row but configuration {config.name} has {config.tokens}")
         if labels.reshape(-1).shape[0] != ids.shape[0]:
             raise ValueError(f"labels must have one entry per row of ids ({ids.shape[0]}), got shape {tuple(labels.shape)}")
         if prev is not None:
-            if tuple(prev["feat"].shape) != (ids.shape[0], cfg.tokens, cfg.width) or tuple(prev["masking"].shape) != tuple(ids.shape):
+            if tuple(prev["feat"].shape) != (ids.shape[0], config.tokens, config.width) or tuple(prev["masking"].shape) != tuple(ids.shape):
                 raise ValueError(
                     f"prev must come from a forward pass on the same batch: feat {tuple(prev['feat'].shape)}, "
                     f"masking {tuple(prev['masking'].shape)}, ids {tuple(ids.shape)}"
                 )
         if _validation.value_checks_enabled() and ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi > cfg.mask_id:
-                raise ValueError(f"ids must lie in [0, {cfg.mask_id}] ({cfg.mask_id} = mask token), got min {lo} max {hi}")
+            if lo < 0 or hi > config.mask_id:
+                raise ValueError(f"ids must lie in [0, {config.mask_id}] ({config.mask_id} = mask token), got min {lo} max {hi}")
 
-    def _encode_all_visible(self, x, masking, counts, routing, enc, run):
-        """Split x by the mask; the visible part (false_tokens) through the encoder (no reuse)."""
+    def _encode_fresh(self, x, masking, counts, routing, enc, run) -> ek.TokenSplit:
+        """Encoding without reuse: split x by the mask, every visible token (false_tokens) through the encoder."""
         with scope("enat::routing"):
             split = ek.split_tokens(x, masking, counts.masked, counts.visible, backend=routing)
         vis = split.false_tokens
@@ -391,6 +391,37 @@ class ENAT(nn.Module):
             for blk, m in enc:
                 vis = blk(vis, m, x_lens=split.false_lens, **run)
         return split._replace(false_tokens=vis)
+
+    def _encode_with_reuse(self, x, masking, prev, counts, routing, enc, run) -> ek.TokenSplit:
+        """Encoding with reuse: only the newly revealed tokens go through the encoder, attending
+        to the previous step's visible features (projected by prev_proj), which stand in for
+        the rest of the visible set.  Returns the split as `_encode_fresh` does."""
+        prev_masking = prev["masking"]
+        with scope("enat::routing"):
+            msk_idx, msk_len = ek.mask_to_indices(masking, counts.masked, backend=routing)
+            msk = ek.gather_tokens(x, msk_idx, backend=routing)
+            old_idx, old_len = ek.mask_to_indices(~prev_masking, counts.prev_visible, backend=routing)
+            old = ek.gather_tokens(prev["feat"].detach(), old_idx, backend=routing)
+            new_idx, new_len = ek.mask_to_indices(~masking & prev_masking, counts.new, backend=routing)
+            new = ek.gather_tokens(x, new_idx, backend=routing)
+        cond = self.prev_proj(old, run["fused"]).to(x.dtype)
+        if counts.new > 0:
+            cond_normed = self._shared_norm(cond, run["fused"])
+            for blk, m in enc:
+                new = blk(new, m, cond, x_lens=new_len, cond_lens=old_len, cond_normed=cond_normed, **run)
+        with scope("enat::routing"):
+            # Visible set in position order: encoder output where newly revealed, reused features elsewhere.
+            vis, vis_idx = ek.merge_tokens(new, new_idx, cond, old_idx, backend=routing)
+        return ek.TokenSplit(msk, msk_idx, msk_len, vis, vis_idx, new_len + old_len)
+
+    def _decode(self, split: ek.TokenSplit, dec, run) -> torch.Tensor:
+        """Decoding: the masked tokens (true_tokens) through the decoder, attending to the encoded
+        visible set (false_tokens)."""
+        msk, vis = split.true_tokens, split.false_tokens
+        vis_normed = self._shared_norm(vis, run["fused"])
+        for blk, m in dec:
+            msk = blk(msk, m, vis, x_lens=split.true_lens, cond_lens=split.false_lens, cond_normed=vis_normed, **run)
+        return msk
 
     def visible_features(self, ids: torch.Tensor, labels: torch.Tensor, *, counts: TokenCounts | None = None) -> ENATOutput:
         """What a later step reuses from a step on `ids` (without reuse itself): embedding and encoder only.
@@ -400,17 +431,17 @@ class ENAT(nn.Module):
         reuse reads only the visible rows of ``prev.feat``); logits is None.
         """
         self._check_inputs(ids, labels, None)
-        cfg = self.config
-        masking = ids == cfg.mask_id
+        config = self.config
+        masking = ids == config.mask_id
         counts = TokenCounts.from_masks(masking) if counts is None else counts
         with scope("enat::embed"):
             x = self.x_embedder(ids)
-        be = _backends.resolve(self.backend, x.device, x.dtype, cfg.head_dim)
+        be = _backends.resolve(self.backend, x.device, x.dtype, config.head_dim)
         c = self.y_embedder(labels.reshape(-1))
         enc = [(blk, blk.modulation(c)) for blk in self.encoder]
-        split = self._encode_all_visible(x, masking, counts, be.routing, enc, dict(fused=be.requested != "torch", backend=be.attention))
+        split = self._encode_fresh(x, masking, counts, be.routing, enc, dict(fused=be.requested != "torch", backend=be.attention))
         with scope("enat::routing"):
-            feat = ek.scatter_tokens(split.false_tokens, split.false_indices, cfg.tokens, backend=be.routing)
+            feat = ek.scatter_tokens(split.false_tokens, split.false_indices, config.tokens, backend=be.routing)
         return ENATOutput(None, feat, masking, split.true_indices, split.true_lens)
 
     def forward(
@@ -439,9 +470,8 @@ class ENAT(nn.Module):
         if logits_for not in ("all", "masked"):
             raise ValueError(f"logits_for must be 'all' or 'masked', got {logits_for!r}")
         self._check_inputs(ids, labels, prev)
-        cfg = self.config
-        L = cfg.tokens
-        masking = ids == cfg.mask_id
+        config = self.config
+        masking = ids == config.mask_id
         prev_masking = None if prev is None else prev["masking"]
         if counts is None:
             counts = TokenCounts.from_masks(masking, prev_masking)
@@ -450,39 +480,18 @@ class ENAT(nn.Module):
 
         with scope("enat::embed"):
             x = self.x_embedder(ids)
-        be = _backends.resolve(self.backend, x.device, x.dtype, cfg.head_dim)
-        routing, fused = be.routing, be.requested != "torch"
+        be = _backends.resolve(self.backend, x.device, x.dtype, config.head_dim)
         mod = self.modulation(labels) if modulation is None else modulation
-        enc, dec = list(zip(self.encoder, mod[: cfg.depth_enc])), list(zip(self.decoder, mod[cfg.depth_enc :]))
-        run = dict(fused=fused, backend=be.attention)
+        enc, dec = list(zip(self.encoder, mod[: config.depth_enc])), list(zip(self.decoder, mod[config.depth_enc :]))
+        run = dict(fused=be.requested != "torch", backend=be.attention)
 
         if prev is None:
-            split = self._encode_all_visible(x, masking, counts, routing, enc, run)
-            msk, msk_idx, msk_len = split.true_tokens, split.true_indices, split.true_lens
-            vis, vis_idx, vis_len = split.false_tokens, split.false_indices, split.false_lens
+            split = self._encode_fresh(x, masking, counts, be.routing, enc, run)
         else:
-            with scope("enat::routing"):
-                msk_idx, msk_len = ek.mask_to_indices(masking, counts.masked, backend=routing)
-                msk = ek.gather_tokens(x, msk_idx, backend=routing)
-                old_idx, old_len = ek.mask_to_indices(~prev_masking, counts.prev_visible, backend=routing)
-                old = ek.gather_tokens(prev["feat"].detach(), old_idx, backend=routing)
-                new_idx, new_len = ek.mask_to_indices(~masking & prev_masking, counts.new, backend=routing)
-                new = ek.gather_tokens(x, new_idx, backend=routing)
-            cond = self.prev_proj(old, fused).to(x.dtype)
-            if counts.new > 0:
-                cond_normed = self._shared_norm(cond, fused)
-                for blk, m in enc:
-                    new = blk(new, m, cond, x_lens=new_len, cond_lens=old_len, cond_normed=cond_normed, **run)
-            with scope("enat::routing"):
-                # Visible set in position order: encoder output where newly revealed, reused features elsewhere.
-                vis, vis_idx = ek.merge_tokens(new, new_idx, cond, old_idx, backend=routing)
-            vis_len = new_len + old_len
-
-        vis_normed = self._shared_norm(vis, fused)
-        for blk, m in dec:
-            msk = blk(msk, m, vis, x_lens=msk_len, cond_lens=vis_len, cond_normed=vis_normed, **run)
+            split = self._encode_with_reuse(x, masking, prev, counts, be.routing, enc, run)
+        msk = self._decode(split, dec, run)
 
         with scope("enat::routing"):
-            feat = ek.restore_tokens(vis, vis_idx, msk, msk_idx, L, backend=routing)
+            feat = ek.restore_tokens(split.false_tokens, split.false_indices, msk, split.true_indices, config.tokens, backend=be.routing)
         logits = self.head(feat if logits_for == "all" else msk)
-        return ENATOutput(logits, feat, masking, msk_idx, msk_len)
+        return ENATOutput(logits, feat, masking, split.true_indices, split.true_lens)

@@ -1,4 +1,4 @@
-"""MaskGIT-style sampling with computation reuse (ENAT_SPEC.md, "Sampler").
+"""MaskGIT-style sampling with computation reuse, as the published ENAT sampler.
 
 ``sample(model, labels, steps=8, ...)`` starts from all-masked token maps and, at each
 step, predicts every masked token, keeps the most confident ones and re-masks the
@@ -25,6 +25,7 @@ lengths.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -86,7 +87,7 @@ class SamplingPlan:
                 row_on.append(t >= 0)
                 row_mt.append(mask_temp * (1 - r) if t >= 0 else 0.0)
                 row_st.append(max(samp_temp * (1 - r), 1e-3) if t >= 0 else 1.0)
-                row_g.append(t / Tb * cfg_scale if t >= 1 else 0.0)  # r of the previous step x cfg; 0 at the first
+                row_g.append(t / Tb * cfg_scale if t >= 1 else 0.0)  # r of the previous step x cfg_scale; 0 at the first
             masked.append(tuple(row_m))
             if s < T:
                 st.append(tuple(row_st)), mt.append(tuple(row_mt)), gd.append(tuple(row_g)), on.append(tuple(row_on))
@@ -164,9 +165,9 @@ class _Sampler:
     """One sampling run's static parts (plan, device tables, labels) and its step function."""
 
     def __init__(self, model: ENAT, labels, steps, cfg_scale, mask_temp, samp_temp, generator, batch_guidance, head):
-        cfg: ENATConfig = model.config
+        config: ENATConfig = model.config
         p = next(model.parameters())
-        self.model, self.device, self.cfg = model, p.device, cfg
+        self.model, self.device, self.config = model, p.device, config
         labels = torch.as_tensor(labels, dtype=torch.int64, device=self.device).reshape(-1)
         B = labels.shape[0]
         if isinstance(steps, int):
@@ -174,8 +175,8 @@ class _Sampler:
         steps = [int(s) for s in steps]
         if len(steps) != B or min(steps, default=1) < 1:
             raise ValueError(f"steps must be a positive int or one positive int per row ({B}), got {steps}")
-        if B and (int(labels.min()) < 0 or int(labels.max()) > cfg.num_classes):  # once, before the loop
-            raise ValueError(f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class)")
+        if B and (int(labels.min()) < 0 or int(labels.max()) > config.num_classes):  # once, before the loop
+            raise ValueError(f"labels must lie in [0, {config.num_classes}] ({config.num_classes} = null class)")
         if head not in ("masked", "all"):
             raise ValueError(f"head must be 'masked' or 'all', got {head!r}")
         _check_generator(generator, B, self.device)
@@ -183,7 +184,7 @@ class _Sampler:
         # The reference path (backend "torch") runs the published formulas op by op; the
         # others run the same math in fewer passes (as the model's fused path does).
         self.fused = model.backend != "torch"
-        self.plan = SamplingPlan.build(cfg.tokens, steps, cfg_scale, mask_temp, samp_temp)
+        self.plan = SamplingPlan.build(config.tokens, steps, cfg_scale, mask_temp, samp_temp)
 
         def table(rows, dtype=torch.float32):
             return torch.tensor(rows, dtype=dtype).reshape(len(rows), B).to(self.device)
@@ -192,9 +193,9 @@ class _Sampler:
         self.guidance = table(self.plan.guidance)
         self.remask = table([self.plan.remask(s) for s in range(self.plan.total_steps)], torch.int64)
         self.labels = labels
-        null = torch.full_like(labels, cfg.null_label)
+        null = torch.full_like(labels, config.null_label)
         self.labels2 = torch.cat([labels, null])
-        self.positions = torch.arange(cfg.tokens, device=self.device)
+        self.positions = torch.arange(config.tokens, device=self.device)
 
     def loop(self, callback=None) -> torch.Tensor:
         """Every step, from all-masked maps to all-revealed tokens (B, h, w); no host reads."""
@@ -204,10 +205,10 @@ class _Sampler:
             ids, sampled, state = self.step(s, ids, state, mods)
             if callback is not None:
                 callback(StepInfo(s, ids, sampled))
-        return sampled.reshape(self.B, *self.cfg.grid)
+        return sampled.reshape(self.B, *self.config.grid)
 
     def initial_ids(self) -> torch.Tensor:
-        return torch.full((self.B, self.cfg.tokens), self.cfg.mask_id, dtype=torch.int64, device=self.device)
+        return torch.full((self.B, self.config.tokens), self.config.mask_id, dtype=torch.int64, device=self.device)
 
     def modulation(self):
         """adaLN chunks for (labels, null): the same at every step, computed once per run."""
@@ -249,7 +250,7 @@ class _Sampler:
 
     def _choose(self, s: int, ids, logits, idx, routing):
         """Sample the masked tokens from guided logits (B, Nm, V), then re-mask the least confident."""
-        plan, L = self.plan, self.cfg.tokens
+        plan, L = self.plan, self.config.tokens
         B, Nm, V = logits.shape
         rows, on, temp = plan.masked_in[s], plan.started[s], self.samp_temp[s][:, None, None]
         # Categorical(logp / T_samp) by the Gumbel-max trick: argmax(logp / T + G).
@@ -266,7 +267,7 @@ class _Sampler:
             pick_logp = torch.gather(logp, 2, pick[:, :, None])[:, :, 0]
         confidence = pick_logp + self.mask_temp[s][:, None] * _noise(self.generator, rows, None, B, Nm, self.device, on)
         # Back to positions; -1 slots (padding of shorter rows) are skipped by the scatter.
-        masking = ids == self.cfg.mask_id
+        masking = ids == self.config.mask_id
         pick_full = ek.scatter_tokens(pick, idx, L, backend=routing)
         conf_full = ek.scatter_tokens(confidence, idx, L, backend=routing)
         sampled = torch.where(masking, pick_full, ids)
@@ -275,10 +276,27 @@ class _Sampler:
         order = torch.argsort(conf_full, dim=-1, stable=True)
         below = self.positions[None, :] < self.remask[s][:, None]
         remasked = torch.zeros_like(masking).scatter_(1, order, below)
-        return torch.where(remasked, torch.full_like(sampled, self.cfg.mask_id), sampled), sampled
+        return torch.where(remasked, torch.full_like(sampled, self.config.mask_id), sampled), sampled
 
 
 # ----------------------------------------------------------------------------- public API
+
+PUBLISHED_CFG_SCALE = 2.5  # ImageNet 256 px; enat.sampling_settings(config) has each configuration's
+
+
+def resolve_cfg_scale(cfg_scale: float, cfg: float | None, caller: str, stacklevel: int = 3) -> float:
+    """The guidance scale of a call that may use the deprecated keyword ``cfg``.
+
+    ``cfg`` is the deprecated spelling of ``cfg_scale`` (``cfg`` names an ENATConfig
+    elsewhere); it works, with a DeprecationWarning pointing `stacklevel` frames up
+    (the caller's caller).  Both at once, with different values, is a TypeError.
+    """
+    if cfg is None:
+        return cfg_scale
+    if cfg_scale != PUBLISHED_CFG_SCALE and cfg_scale != cfg:
+        raise TypeError(f"{caller}() got cfg_scale={cfg_scale} and its deprecated alias cfg={cfg}: give cfg_scale only")
+    warnings.warn(f"{caller}(): the keyword cfg is deprecated, use cfg_scale", DeprecationWarning, stacklevel=stacklevel)
+    return cfg
 
 
 @torch.no_grad()
@@ -286,7 +304,7 @@ def sample(
     model: ENAT,
     labels,
     steps: int | Sequence[int] = 8,
-    cfg: float = 2.5,
+    cfg_scale: float = PUBLISHED_CFG_SCALE,
     *,
     mask_temp: float = 1.5,
     samp_temp: float = 6.0,
@@ -295,6 +313,7 @@ def sample(
     batch_guidance: bool = True,
     head: str = "masked",
     callback: Callable[[StepInfo], None] | None = None,
+    cfg: float | None = None,
 ) -> torch.Tensor:
     """Sample token maps for class `labels` with ENAT's reuse sampler.
 
@@ -302,7 +321,7 @@ def sample(
         model: an ENAT model (in eval mode; its device and dtype are used).
         labels: (B,) class ids (config.num_classes = the null class, i.e. unconditional).
         steps: sampling steps (8 published), or one count per row (a ragged batch).
-        cfg: classifier-free guidance scale (2.5 published at 256 px, 3.5 at 512 px).
+        cfg_scale: classifier-free guidance scale (2.5 published at 256 px, 3.5 at 512 px).
         mask_temp, samp_temp: masking and sampling temperatures (1.5 and 6 at 256 px).
         generator: a torch.Generator for the batch, or a list with one per row (a row's
             result then depends only on its own generator), or None (global RNG).
@@ -314,15 +333,17 @@ def sample(
             reads); "all" computes them for every position as the published code does.
         callback: called with a StepInfo after every step (may read the tensors; the
             sampler itself never does).
+        cfg: deprecated alias of cfg_scale (DeprecationWarning).
 
     Returns:
         tokens (B, h, w) int64 on the model's device, every token revealed.
     """
+    cfg_scale = resolve_cfg_scale(cfg_scale, cfg, "sample", stacklevel=4)  # + torch.no_grad's wrapper
     if model.training:
         raise ValueError("sample() needs the model in eval mode (model.eval()): dropout would perturb it")
     ctx = model.using_backend(model.backend if backend == "model" else backend)
     with ctx, ek.value_checks(False):
-        run = _Sampler(model, labels, steps, cfg, mask_temp, samp_temp, generator, batch_guidance, head)
+        run = _Sampler(model, labels, steps, cfg_scale, mask_temp, samp_temp, generator, batch_guidance, head)
         return run.loop(callback)
 
 
@@ -332,16 +353,19 @@ class CUDAGraphSampler:
     For repeated batches of the same size and settings on a GPU (launch overhead
     dominates small batches).  The generators (one, or one per row) are created here
     and registered with the graphs; ``__call__(labels, seeds)`` reseeds them, copies
-    the labels into the static buffer and replays the steps.
+    the labels into the static buffer and replays the steps.  Arguments as `sample`'s
+    (``cfg`` is the deprecated alias of ``cfg_scale``).
 
-    NOT RUN in this project's CI: it needs a CUDA device, and none was available while
-    it was written.  The loop it captures is the same `_Sampler.step` that `sample`
-    runs (no host syncs, value checks off), which the CPU tests cover.
+    Its tests need a CUDA device (README, "Status" says where it has run).  The loop it
+    captures is the same `_Sampler.step` that `sample` runs (no host syncs, value
+    checks off), which the CPU tests cover.
     """
 
-    def __init__(self, model: ENAT, batch_size: int, steps: int | Sequence[int] = 8, cfg: float = 2.5, *,
+    def __init__(self, model: ENAT, batch_size: int, steps: int | Sequence[int] = 8, cfg_scale: float = PUBLISHED_CFG_SCALE, *,
                  mask_temp: float = 1.5, samp_temp: float = 6.0, per_row_generators: bool = True,
-                 backend: str | None = "model", batch_guidance: bool = True, head: str = "masked", warmup: int = 1):
+                 backend: str | None = "model", batch_guidance: bool = True, head: str = "masked", warmup: int = 1,
+                 cfg: float | None = None):
+        cfg_scale = resolve_cfg_scale(cfg_scale, cfg, "CUDAGraphSampler")
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
@@ -351,7 +375,7 @@ class CUDAGraphSampler:
         gen = self.generators if per_row_generators else self.generators[0]
         labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
         with model.using_backend(self.backend), ek.value_checks(False), torch.no_grad():
-            self.run = _Sampler(model, labels, steps, cfg, mask_temp, samp_temp, gen, batch_guidance, head)
+            self.run = _Sampler(model, labels, steps, cfg_scale, mask_temp, samp_temp, gen, batch_guidance, head)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (lazy initializations must not be captured)

@@ -38,7 +38,7 @@ from torch import nn
 
 from .model import ENAT, ENATOutput, TokenCounts
 
-# Published training settings (ENAT_SPEC.md, "Training").
+# Published training settings (README.md, "What a step computes").
 LABEL_DROP = 0.15
 MASK_RATIO_BETA = (12, 3)
 REUSE_PROB = 0.5
@@ -103,7 +103,7 @@ def init_from_scratch(model: nn.Module, generator: torch.Generator | None = None
 
     Every Linear xavier-uniform with zero bias, the label table normal(std 0.02), each
     block's adaLN output Linear zeroed (weight and bias: every block starts as the
-    identity).  The spec leaves the rest open; here the word and position tables are
+    identity).  The published description leaves the rest open; here the word and position tables are
     normal(std 0.02), LayerNorms weight 1 / bias 0 and the head's bias 0.
     """
     m = unwrap(model)
@@ -279,7 +279,7 @@ def loss(
             or "sum".
     """
     m = unwrap(model)
-    cfg = m.config
+    config = m.config
     if tokens.dim() != 2 or tuple(masking.shape) != tuple(tokens.shape) or masking.dtype != torch.bool:
         raise ValueError(f"masking must be a bool tensor shaped like tokens {tuple(tokens.shape)}, "
                          f"got {masking.dtype} {tuple(masking.shape)}")
@@ -296,13 +296,13 @@ def loss(
     prev = None
     if prev_masking is not None:
         cond = m if cond_model is None else unwrap(cond_model)
-        prev_ids = _mask_ids(tokens, prev_masking, cfg.mask_id)
+        prev_ids = _mask_ids(tokens, prev_masking, config.mask_id)
         with torch.no_grad():
             if cond.backend == "torch":  # the published computation: a whole forward pass
                 prev = cond(prev_ids, labels, counts=prev_counts, logits_for="masked")
             else:  # the same visible features without the decoder and head, whose outputs reuse never reads
                 prev = cond.visible_features(prev_ids, labels, counts=prev_counts)
-    out = model(_mask_ids(tokens, masking, cfg.mask_id), labels, prev=prev, counts=fwd_counts, logits_for="masked")
+    out = model(_mask_ids(tokens, masking, config.mask_id), labels, prev=prev, counts=fwd_counts, logits_for="masked")
     idx = out["masked_index"]  # (B, Nm), -1 where a row has fewer masked tokens
     target = torch.gather(tokens, 1, idx.clamp(min=0)).masked_fill(idx < 0, -100)
     logits = out["logits"].flatten(0, 1)

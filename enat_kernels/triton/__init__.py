@@ -111,7 +111,7 @@ def _module(op: str):
     try:
         return importlib.import_module(f"{__name__}.{name}")
     except Exception as e:
-        if isinstance(e, ModuleNotFoundError) and e.name == f"{__name__}.{name}":  # kernel not written yet
+        if isinstance(e, ModuleNotFoundError) and e.name == f"{__name__}.{name}":  # no Triton module for this op
             return None
         _LOAD_ERRORS[name] = f"loading {__name__}.{name} failed: {type(e).__name__}: {e}"
     return None

@@ -27,8 +27,8 @@ from support.tolerances import assert_within_pytorch_error
 CONFIGS = {"cpu": "e2d1-c64h2-l64", "triton": "e2d1-c32h2-l16-v64-k10"}
 
 
-def build(cfg, backend, seed=3):
-    return responsive_model(cfg, seed=seed, backend=backend)
+def build(config, backend, seed=3):
+    return responsive_model(config, seed=seed, backend=backend)
 
 
 def kernels_here(backend, head_dim):

@@ -8,8 +8,8 @@ from enat import ENAT, CheckpointError, get_config, infer_config, load_checkpoin
 CFG = "e2d1-c64h2-l64"
 
 
-def build(cfg=CFG, seed=0):
-    m = ENAT(cfg, backend="torch").eval()
+def build(config=CFG, seed=0):
+    m = ENAT(config, backend="torch").eval()
     m.reset_parameters(torch.Generator().manual_seed(seed))
     return m
 

@@ -95,3 +95,16 @@ def test_cpu_threads_bounds(threads):
     assert _cpu_threads(MAX_THREADS)[0] == MAX_THREADS and _cpu_threads(3)[0] == 3
     with pytest.raises(ValueError, match=rf"--threads must lie in \[1, {MAX_THREADS}\], got {threads}"):
         _cpu_threads(threads)
+
+
+def test_cfg_flag_is_an_alias_of_cfg_scale(tmp_path, capsys):
+    """--cfg (the flag's other spelling) and --cfg-scale set the same guidance scale."""
+    tokens = {}
+    for flag in ("--cfg-scale", "--cfg"):
+        out = tmp_path / flag.strip("-")
+        assert main(TINY + [flag, "50", "--out", str(out)]) == 0
+        assert "cfg_scale 50.0," in capsys.readouterr().out
+        tokens[flag] = np.load(out / "slices" / "samples.npz")["tokens"]
+    assert main(TINY + ["--out", str(tmp_path / "default")]) == 0
+    default = np.load(tmp_path / "default" / "slices" / "samples.npz")["tokens"]
+    assert np.array_equal(tokens["--cfg"], tokens["--cfg-scale"]) and not np.array_equal(tokens["--cfg"], default)

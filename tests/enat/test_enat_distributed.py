@@ -26,7 +26,7 @@ def run(out_dir, global_seed=SEED):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the cpu attention fallback, tested elsewhere
-        return sample_many(build(), N, str(out_dir), global_seed=global_seed, slice_size=SLICE, steps=4, cfg=2.0)
+        return sample_many(build(), N, str(out_dir), global_seed=global_seed, slice_size=SLICE, steps=4, cfg_scale=2.0)
 
 
 def _worker(rank, world, init_file, out_dir, report_dir):
@@ -87,3 +87,25 @@ def test_two_processes_match_one_and_resume(single, tmp_path):
     # Slices made with other settings are never mixed in.
     with pytest.raises(ValueError, match="made with other settings"):
         run(out, global_seed=SEED + 1)
+
+
+def test_cfg_alias_and_saved_settings(tmp_path):
+    """sample_many's deprecated `cfg` keyword gives the cfg_scale run; the files keep naming
+    the scale "cfg", so the slice key is the hash of those saved settings."""
+    import hashlib
+    import warnings
+
+    from enat.distributed import RunSettings
+
+    kw = dict(global_seed=SEED, slice_size=SLICE, steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the cpu attention fallback, tested elsewhere
+        new = sample_many(build(), 3, str(tmp_path / "new"), cfg_scale=3.0, **kw)
+        with pytest.warns(DeprecationWarning, match="sample_many\\(\\): the keyword cfg is deprecated"):
+            old = sample_many(build(), 3, str(tmp_path / "old"), cfg=3.0, **kw)
+    assert np.array_equal(old.tokens, new.tokens)
+    saved = json.loads(str(np.load(old.path)["settings"]))
+    assert saved["cfg"] == 3.0 and "cfg_scale" not in saved
+    settings = RunSettings(**{("cfg_scale" if k == "cfg" else k): v for k, v in saved.items()})
+    assert settings.key() == hashlib.sha1(json.dumps(saved, sort_keys=True).encode()).hexdigest()[:16]
+    assert str(np.load(tmp_path / "old" / "slice_000000.npz")["settings"]) == settings.key()

@@ -33,7 +33,7 @@ def in_class(model, seed=0):
     """Fraction of sampled tokens that lie in the codes of the row's class."""
     labels = torch.arange(32) % K
     with torch.no_grad():
-        out = sample(model.eval(), labels, steps=4, cfg=1.0, generator=torch.Generator().manual_seed(seed))
+        out = sample(model.eval(), labels, steps=4, cfg_scale=1.0, generator=torch.Generator().manual_seed(seed))
     return (out.reshape(32, -1) // 4 == labels[:, None]).float().mean().item()
 
 

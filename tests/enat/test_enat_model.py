@@ -1,4 +1,4 @@
-"""The ENAT model (backend "torch") against a direct implementation of ENAT_SPEC.md.
+"""The ENAT model (backend "torch") against a direct implementation of the published model (tests/support/enat_direct.py).
 
 Inputs are the token maps of a real sampling trajectory; each step is checked without
 reuse and with reuse (chained through `prev`), in float32, max abs difference < 1e-4.
@@ -20,8 +20,8 @@ CFG = "e2d1-c64h2-l64"
 TOL = 1e-4
 
 
-def build(cfg=CFG, backend="torch", seed=1):
-    return responsive_model(cfg, seed=seed, backend=backend)
+def build(config=CFG, backend="torch", seed=1):
+    return responsive_model(config, seed=seed, backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def trajectory(model):
     """Labels and the input ids of every step of one sampling run (4 rows, 6 steps)."""
     labels = torch.tensor([3, 999, 1000, 42])  # 1000: the null class
     inputs = [torch.full((4, model.config.tokens), model.config.mask_id)]
-    sample(model, labels, steps=6, cfg=2.5, generator=torch.Generator().manual_seed(5),
+    sample(model, labels, steps=6, cfg_scale=2.5, generator=torch.Generator().manual_seed(5),
            callback=lambda info: inputs.append(info.ids.clone()))
     return labels, inputs[:-1]  # the last entry is the all-revealed output
 
@@ -173,7 +173,7 @@ def test_ragged_batch_equals_rows_alone(model, direct, trajectory):
 
 
 def test_state_dict_matches_the_released_checkpoints(model):
-    """Keys and shapes of ENAT_SPEC.md's 'Checkpoint keys' section."""
+    """Keys and shapes of the released checkpoints (nnet_ema.pth)."""
     c = model.config
     C, V, K, L, F = c.width, c.codebook_size, c.num_classes, c.tokens, 4 * c.width
     expected = {

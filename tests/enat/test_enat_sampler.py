@@ -79,22 +79,22 @@ def test_same_seed_same_tokens(model):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_guidance_equals_two_passes(model, backend):
     labels = torch.tensor([10, 20, 1000])
-    kw = dict(steps=6, cfg=3.0, backend=backend)
+    kw = dict(steps=6, cfg_scale=3.0, backend=backend)
     one = sample(model, labels, generator=torch.Generator().manual_seed(3), batch_guidance=True, **kw)
     two = sample(model, labels, generator=torch.Generator().manual_seed(3), batch_guidance=False, **kw)
     assert torch.equal(one, two)
     # Guidance is active in both (its formula is checked in test_sampler_decisions.py).
-    unguided = sample(model, labels, generator=torch.Generator().manual_seed(3), **{**kw, "cfg": 0.0})
+    unguided = sample(model, labels, generator=torch.Generator().manual_seed(3), **{**kw, "cfg_scale": 0.0})
     assert (one[:2] != unguided[:2]).float().mean() > 0.3
     assert torch.equal(one[2], unguided[2])  # the null-label row: cond = uncond
 
 
 def test_guidance_matters(model):
-    """cfg changes most tokens of every conditional row (else the guidance tests above
+    """cfg_scale changes most tokens of every conditional row (else the guidance tests above
     could pass with guidance ignored), and none of an unconditional one."""
     labels = torch.tensor([10, 20, 30, 1000])
-    a = sample(model, labels, steps=6, cfg=0.0, generator=torch.Generator().manual_seed(3))
-    b = sample(model, labels, steps=6, cfg=4.0, generator=torch.Generator().manual_seed(3))
+    a = sample(model, labels, steps=6, cfg_scale=0.0, generator=torch.Generator().manual_seed(3))
+    b = sample(model, labels, steps=6, cfg_scale=4.0, generator=torch.Generator().manual_seed(3))
     changed = (a != b).flatten(1).float().mean(1)
     assert (changed[:3] > 0.3).all(), changed.tolist()
     assert changed[3] == 0
@@ -109,7 +109,7 @@ def test_head_on_masked_tokens_equals_head_on_all(model):
 
 def test_guidance_and_temperatures_per_step():
     plan = SamplingPlan.build(64, [4], cfg_scale=2.0, mask_temp=1.5, samp_temp=6.0)
-    assert [g[0] for g in plan.guidance] == [0.0, 0.5, 1.0, 1.5]  # r_prev * cfg, 0 at step 0
+    assert [g[0] for g in plan.guidance] == [0.0, 0.5, 1.0, 1.5]  # r_prev * cfg_scale, 0 at step 0
     assert [t[0] for t in plan.mask_temp] == pytest.approx([1.125, 0.75, 0.375, 0.0])
     assert [t[0] for t in plan.samp_temp] == pytest.approx([4.5, 3.0, 1.5, 1e-3])
 
@@ -196,3 +196,17 @@ def test_refuses_bad_arguments(model):
         sample(model, torch.tensor([1, 2]), steps=[3])
     with pytest.raises(ValueError, match="CUDA device"):
         enat.CUDAGraphSampler(model, batch_size=2)
+
+
+def test_cfg_is_a_deprecated_alias_of_cfg_scale(model):
+    """The guidance scale's old keyword `cfg` still works (same tokens), with a DeprecationWarning."""
+    labels = torch.tensor([3, 7])
+    kw = dict(steps=4, backend="torch")
+    new = sample(model, labels, cfg_scale=4.0, generator=torch.Generator().manual_seed(5), **kw)
+    with pytest.warns(DeprecationWarning, match="the keyword cfg is deprecated, use cfg_scale") as caught:
+        old = sample(model, labels, cfg=4.0, generator=torch.Generator().manual_seed(5), **kw)
+    assert caught[0].filename == __file__  # points at the caller
+    default = sample(model, labels, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(old, new) and not torch.equal(new, default)  # the alias's value is the one used
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        enat.CUDAGraphSampler(model, batch_size=2, cfg=4.0)

@@ -19,8 +19,8 @@ from support.tolerances import assert_within_pytorch_error
 CFG = "e2d1-c64h2-l64"  # head_dim 32, 64 tokens, 1024 codes, 1000 classes
 
 
-def build(cfg=CFG, backend="cpu", seed=1):
-    m = ENAT(cfg, backend=backend).eval()  # eval: no dropout, the loss is deterministic
+def build(config=CFG, backend="cpu", seed=1):
+    m = ENAT(config, backend=backend).eval()  # eval: no dropout, the loss is deterministic
     m.reset_parameters(torch.Generator().manual_seed(seed))
     return m
 

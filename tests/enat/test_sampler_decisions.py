@@ -2,9 +2,9 @@
 
 The stub returns, for every masked position, a fixed random row of logits that
 depends on the label and the position (peaked: one token far above the others).
-Knowing the logits, the tests recompute each step from ENAT_SPEC.md's formulas:
+Knowing the logits, the tests recompute each step from the published sampler's formulas:
 
-- guided logits = cond + g (cond - uncond), g = 0 at step 0, r_prev * cfg after;
+- guided logits = cond + g (cond - uncond), g = 0 at step 0, r_prev * cfg_scale after;
 - with mask_temp = 0, the re-masked positions are the floor(L cos(r pi / 2)) masked
   positions whose sampled token has the lowest log-probability;
 - with noise, the sampled tokens and the re-masked set follow
@@ -100,7 +100,7 @@ def masked_positions(ids, mask_id):
     return torch.sort(torch.where(m, torch.arange(ids.shape[1]), ids.shape[1]), dim=1).values[:, :n]
 
 
-def run_recorded(stub, labels, steps, cfg, **kw):
+def run_recorded(stub, labels, steps, cfg_scale, **kw):
     """sample() on the stub; records each step's input ids, guided logits and sampled ids."""
     guided, inputs, sampled = [], [], []
     choose = _Sampler._choose
@@ -112,7 +112,7 @@ def run_recorded(stub, labels, steps, cfg, **kw):
 
     _Sampler._choose = spy
     try:
-        out = sample(stub, labels, steps=steps, cfg=cfg, callback=lambda info: sampled.append((info.ids.clone(), info.sampled.clone())), **kw)
+        out = sample(stub, labels, steps=steps, cfg_scale=cfg_scale, callback=lambda info: sampled.append((info.ids.clone(), info.sampled.clone())), **kw)
     finally:
         _Sampler._choose = choose
     return out, guided, inputs, sampled
@@ -127,14 +127,14 @@ def table(gen):
 @pytest.mark.parametrize("path", PATHS)
 def test_guided_logits_at_every_step(path, batch_guidance, table, gen):
     stub = StubModel(CFG, path, table)
-    c, T, cfg = stub.config, 6, 2.5
+    c, T, cfg_scale = stub.config, 6, 2.5
     labels = torch.tensor([3, 7, c.null_label])
-    _, guided, inputs, _ = run_recorded(stub, labels, T, cfg, generator=gen, batch_guidance=batch_guidance)
+    _, guided, inputs, _ = run_recorded(stub, labels, T, cfg_scale, generator=gen, batch_guidance=batch_guidance)
     assert len(guided) == T
     for s, ((logits, idx), ids) in enumerate(zip(guided, inputs)):
         pos = masked_positions(ids, c.mask_id)
         assert torch.equal(idx, pos), f"step {s}: masked positions"
-        g = 0.0 if s == 0 else s / T * cfg  # r of the previous step times cfg
+        g = 0.0 if s == 0 else s / T * cfg_scale  # r of the previous step times cfg_scale
         want = guided_expected(table, labels, c.null_label, pos, g)
         torch.testing.assert_close(logits.double(), want, atol=1e-5, rtol=1e-5, msg=f"step {s}, g = {g}")
     # The guidance really moved the logits (a conditional row differs from its cond logits).
@@ -146,9 +146,9 @@ def test_guided_logits_at_every_step(path, batch_guidance, table, gen):
 @pytest.mark.parametrize("path", PATHS)
 def test_without_masking_noise_the_least_confident_are_remasked(path, table, gen):
     stub = StubModel(CFG, path, table)
-    c, T, cfg = stub.config, 5, 2.0
+    c, T, cfg_scale = stub.config, 5, 2.0
     labels = torch.tensor([1, 4, 9, c.null_label])
-    _, guided, inputs, sampled = run_recorded(stub, labels, T, cfg, mask_temp=0.0, samp_temp=3.0, generator=gen)
+    _, guided, inputs, sampled = run_recorded(stub, labels, T, cfg_scale, mask_temp=0.0, samp_temp=3.0, generator=gen)
     for s in range(T):
         logits, idx = guided[s]
         nxt, picks = sampled[s]
@@ -170,10 +170,10 @@ def gumbel_draw(shape, gen):
 @pytest.mark.parametrize("path", PATHS)
 def test_with_noise_the_decisions_follow_the_formula(path, table):
     stub = StubModel(CFG, path, table)
-    c, T, cfg, mask_temp, samp_temp = stub.config, 6, 3.0, 1.5, 4.0
+    c, T, cfg_scale, mask_temp, samp_temp = stub.config, 6, 3.0, 1.5, 4.0
     labels = torch.tensor([2, 5, c.null_label])
     B, L, V = len(labels), c.tokens, c.codebook_size
-    _, guided, inputs, sampled = run_recorded(stub, labels, T, cfg, mask_temp=mask_temp, samp_temp=samp_temp,
+    _, guided, inputs, sampled = run_recorded(stub, labels, T, cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp,
                                               generator=torch.Generator().manual_seed(21))
     replay = torch.Generator().manual_seed(21)
     for s in range(T):
@@ -181,7 +181,7 @@ def test_with_noise_the_decisions_follow_the_formula(path, table):
         ids = inputs[s]
         pos = masked_positions(ids, c.mask_id)
         Nm = pos.shape[1]
-        g = 0.0 if s == 0 else s / T * cfg
+        g = 0.0 if s == 0 else s / T * cfg_scale
         logp = torch.log_softmax(guided_expected(table, labels, c.null_label, pos, g), dim=-1)
         g1, g2 = gumbel_draw((B, Nm, V), replay), gumbel_draw((B, Nm), replay)
         pick = torch.argmax(logp / max(samp_temp * (1 - r), 1e-3) + g1, dim=-1)
@@ -220,9 +220,9 @@ def test_guided_logits_of_the_real_model(path, batch_guidance):
     """On the real (responsive) model: the sampler's guided logits at step s equal
     cond + g (cond - uncond) computed from two plain forward passes of the model."""
     model = responsive_model("e1d1-c32h2-l16-v64-k10", seed=5, backend=path)
-    c, T, cfg = model.config, 4, 2.5
+    c, T, cfg_scale = model.config, 4, 2.5
     labels = torch.tensor([2, 9])
-    _, guided, inputs, _ = run_recorded(model, labels, T, cfg, generator=torch.Generator().manual_seed(4),
+    _, guided, inputs, _ = run_recorded(model, labels, T, cfg_scale, generator=torch.Generator().manual_seed(4),
                                         batch_guidance=batch_guidance)
     with torch.no_grad(), model.using_backend("torch"):
         prev_c = prev_u = None
@@ -232,7 +232,7 @@ def test_guided_logits_of_the_real_model(path, batch_guidance):
             pos = masked_positions(ids, c.mask_id)
             rows = torch.arange(len(labels))[:, None]
             cond, uncond = prev_c.logits[rows, pos].double(), prev_u.logits[rows, pos].double()
-            g = 0.0 if s == 0 else s / T * cfg
+            g = 0.0 if s == 0 else s / T * cfg_scale
             logits, _ = guided[s]
             torch.testing.assert_close(logits.double(), cond + g * (cond - uncond), atol=1e-4, rtol=1e-4,
                                        msg=f"step {s}")

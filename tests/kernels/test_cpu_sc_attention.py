@@ -235,7 +235,7 @@ _PORTABLE_SCRIPT = textwrap.dedent(
 def test_portable_build_against_oracle():
     """ATEN_CPU_CAPABILITY=default selects the kernels compiled without AVX2 (used on older CPUs)."""
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    # The enat_kernels this session imported (installed, or built in place), not
+    # The enat_kernels this process imported (installed, or built in place), not
     # necessarily the source tree: in CI the source tree has no compiled extension
     # (hence also cwd=TESTS: `python -c` puts the working directory first on sys.path).
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(ek.__file__)))

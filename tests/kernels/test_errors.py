@@ -509,6 +509,12 @@ def _enat(config):
     return lambda: ENAT(config)
 
 
+def _sample_with_both_scales():
+    from enat import ENAT, sample
+
+    return lambda: sample(ENAT("e2d1-c32h2-l16-v64-k10").eval(), [1], steps=1, cfg_scale=3.0, cfg=2.0)
+
+
 def _infer(state):
     from enat import infer_config
 
@@ -520,6 +526,7 @@ ENAT_CASES = [
     ("enat-config-none", _enat(None), TypeError, "config must be an ENATConfig or a configuration name (str), got NoneType"),
     ("enat-config-int", _enat(123), TypeError, "config must be an ENATConfig or a configuration name (str), got int"),
     ("enat-config-too-large", _enat("e99999999d1-c64h2-l64"), ValueError, "configuration e99999999d1-c64h2-l64 has 9.13e+12 parameters, above the limit of 1e+11"),
+    ("enat-sample-cfg-and-cfg-scale", _sample_with_both_scales(), TypeError, "sample() got cfg_scale=3.0 and its deprecated alias cfg=2.0: give cfg_scale only"),
     ("enat-checkpoint-1d-embedding", _infer(_state_with_1d_embedding()), Exception, "x_embedder.word_embeddings.weight must be a 2-D tensor (codebook size + 1, width), got (2080,)"),
 ]
 
@@ -542,8 +549,8 @@ CLI_CASES = [
     ("cli-threads-negative", ["--threads", "-1"], "--threads must lie in [1, 1024], got -1"),
     ("cli-threads-huge", ["--threads", "100000"], "--threads must lie in [1, 1024], got 100000"),
     ("cli-heads-zero", ["--heads", "0"], "--heads must be at least 1, got 0"),
-    ("cli-cfg-nan", ["--cfg", "nan"], "--cfg must be a finite number, got nan"),
-    ("cli-cfg-inf", ["--cfg", "inf"], "--cfg must be a finite number, got inf"),
+    ("cli-cfg-scale-nan", ["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    ("cli-cfg-scale-inf", ["--cfg", "inf"], "--cfg-scale must be a finite number, got inf"),
     ("cli-mask-temp-nan", ["--mask-temp", "nan"], "--mask-temp must be a finite number, got nan"),
     ("cli-samp-temp-negative", ["--samp-temp", "-1"], "--samp-temp must be non-negative, got -1.0"),
     ("cli-class-negative", ["--class", "-1"], "--class must be non-negative, got -1"),

@@ -1,4 +1,4 @@
-"""The oracle itself: reference.py against a direct float64 reading of DESIGN.md's formula."""
+"""The oracle itself: reference.py against a direct float64 reading of the formula in docs/KERNEL_CONTRACT.md."""
 
 import math
 

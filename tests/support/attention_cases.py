@@ -1,6 +1,6 @@
 """The SC-Attention cases every backend is tested on (one list, shared by all suites).
 
-Covers DESIGN.md's edge cases: empty cond segment (first sampling step), empty query
+Covers the edge cases of docs/KERNEL_CONTRACT.md: empty cond segment (first sampling step), empty query
 set (last step), ragged rows, cond far longer than self (encoder with reuse) and the
 reverse (decoder), head_dim 32/64/128, batch 1, sizes that are not block multiples,
 custom scales and non-contiguous views.  Padding rows of every input are filled with

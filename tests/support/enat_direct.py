@@ -1,4 +1,4 @@
-"""A direct, unfused implementation of ENAT_SPEC.md, written for the tests only.
+"""A direct, unfused implementation of the published ENAT model, written for the tests only.
 
 It reads the model's state dict and follows the published code's style: boolean
 indexing (every row must have the same number of masked tokens), plain attention

@@ -1,4 +1,4 @@
-"""The accuracy rule of DESIGN.md, as flash-attn's tests apply it.
+"""The accuracy rule of the tests, as flash-attn's tests apply it.
 
 A fused result is compared with the float64 oracle; its error must stay within a small
 multiple of the error that plain PyTorch (the reference run in the same low
