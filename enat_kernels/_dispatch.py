@@ -188,9 +188,8 @@ assert tuple(BACKEND) == BACKENDS
 # The order `auto` tries the fused backends, per (device type, op family); the torch
 # reference follows them all.  A device type not listed has no fused backend.
 AUTO_ORDER = {
-    # Triton first until the CUDA C++ kernel has been measured against it on a GPU
-    # (benchmarks/results/); the measured per-shape rule goes in csrc/cuda/NOTES.md,
-    # "Backend order", and here.
+    # Triton first: no GPU measurement orders the two kernels (README, "Status").  A
+    # measured per-shape rule belongs here and in csrc/cuda/NOTES.md, "Backend order".
     ("cuda", "sc_attention"): ("triton", "cuda"),
     # The routing ops are row copies bound by memory bandwidth: the C++ kernels launch
     # without Triton's Python-side launcher, so they go first.
