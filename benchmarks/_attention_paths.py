@@ -217,7 +217,8 @@ class Ours(AttnPath):
         if self.backend == "triton" and dt == "cpu":
             return "Triton on CPU tensors runs in its interpreter: timings would say nothing about the kernel"
         # The answer covers the backward op too (supports checks the whole op family).
-        return enat_kernels.supports("sc_attention", device=dt, dtype=case.env.dtype, head_dim=case.shape.D, backend=self.backend).reason or None
+        answer = enat_kernels.supports("sc_attention", device=dt, dtype=case.env.dtype, head_dim=case.shape.D, backend=self.backend)
+        return answer.reason or None
 
     def context(self):
         import enat_kernels

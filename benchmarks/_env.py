@@ -214,11 +214,11 @@ def measure_peaks(env: BenchEnv) -> dict:
     a = torch.randn(n, n, device=dev, dtype=mm_dtype)
     b = torch.randn(n, n, device=dev, dtype=mm_dtype)
     t_mm = _median_seconds(env, lambda: torch.mm(a, b), reps)
-    del a, b
+    a = b = None  # free them before the copy buffers (not del: the lambda above names them)
     src = torch.empty(copy_bytes // 4, device=dev, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     t_copy = _median_seconds(env, lambda: dst.copy_(src), reps)
-    del src, dst
+    src = dst = None
     env.peaks = {
         "peak_tflops": 2 * n**3 / t_mm / 1e12,
         "peak_tbps": 2 * copy_bytes / t_copy / 1e12,

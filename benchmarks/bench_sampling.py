@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from . import _env
 from enat.configs import get_config
 from enat.model import ENAT
 from enat.sampler import sample
 
+from . import _env
 from ._env import ON_GPU, measure, record
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from enat.backends import fused_backend_for
 import enat_kernels
+from enat.backends import fused_backend_for
 
 from . import _env
 from ._env import ON_GPU, measure, record

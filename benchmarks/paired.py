@@ -23,8 +23,6 @@ import statistics
 import sys
 import time
 
-import torch
-
 from . import _env
 from ._attention_paths import AttnCase, Unsupported, attention_paths
 from ._cases import ATTN_SHAPES
@@ -100,7 +98,10 @@ def run(shapes, path_names: list[str], directions: list[str], rounds: int, env: 
                 for name in names[k:] + names[:k]:  # rotate who goes first
                     times[name].append(_time(calls[name], r, env))
             rows.append({"shape": shape, "direction": direction, "times": times, "skipped": skipped})
-            print(f"  {shape.id} {direction}: " + ", ".join(f"{n} {statistics.median(t) * 1e3:.2f} ms" for n, t in times.items()), file=sys.stderr)
+            print(
+                f"  {shape.id} {direction}: " + ", ".join(f"{n} {statistics.median(t) * 1e3:.2f} ms" for n, t in times.items()),
+                file=sys.stderr,
+            )
     return rows
 
 
@@ -126,7 +127,12 @@ def render(rows: list[dict], env: _env.BenchEnv, rounds: int, command: str) -> s
     for row in rows:
         times, shape = row["times"], row["shape"]
         ours = next((n for n in times if n.startswith("ours:")), None)
-        out += [f"## {row['direction']} | {shape.label}", "", "| path | median | ratio vs " + (ours or "-") + " (q1, q3) |", "|---|---:|---:|"]
+        out += [
+            f"## {row['direction']} | {shape.label}",
+            "",
+            "| path | median | ratio vs " + (ours or "-") + " (q1, q3) |",
+            "|---|---:|---:|",
+        ]
         for name, ts in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
             ratio = "-"
             if ours and name != ours:

@@ -2,8 +2,8 @@
 
 ``backend=None`` lets enat_kernels choose per op (its automatic order, with its own
 warnings).  A named backend is used for every op it implements; an op family it does
-not run (no kernel for it, a dtype or head_dim it does not support) falls back to ``torch`` with one warning that says why, so a slow path is
-never silent.  ``torch`` is the reference math everywhere.
+not run (no kernel for it, a dtype or head_dim it does not support) falls back to
+``torch`` with one warning that says why, so a slow path is never silent.  ``torch`` is the reference math everywhere.
 """
 
 from __future__ import annotations

@@ -35,32 +35,57 @@ def _parser() -> argparse.ArgumentParser:
         prog="enat-sample",
         description="Sample class-conditional token maps with ENAT (fused enat_kernels path), report images/s.",
     )
-    p.add_argument("--config", default=None,
-                   help=f"configuration name, e.g. enat-l-256 or e22d2-c1024h16-l256 (default {DEFAULT_CONFIG}, or read from --checkpoint); "
-                        f"documented: {', '.join(NAMED)}")
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"configuration name, e.g. enat-l-256 or e22d2-c1024h16-l256 (default {DEFAULT_CONFIG}, or read from --checkpoint); "
+        f"documented: {', '.join(NAMED)}",
+    )
     p.add_argument("--checkpoint", default=None, help="ENAT weights (e.g. nnet_ema.pth); random weights without it")
-    p.add_argument("--heads", type=int, default=None, help="head count when the configuration is read from --checkpoint (default width / 64)")
+    p.add_argument(
+        "--heads", type=int, default=None, help="head count when the configuration is read from --checkpoint (default width / 64)"
+    )
     p.add_argument("-n", "--num-samples", type=int, default=16, help="samples to generate (default 16)")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="samples per batch, and per resumable slice (default 8)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (published: 8)")
-    p.add_argument("--cfg-scale", "--cfg", dest="cfg_scale", type=float, default=None,
-                   help="classifier-free guidance scale (published: 2.5 at 256 px, 3.5 at 512 px); --cfg is an alias")
+    p.add_argument(
+        "--cfg-scale",
+        "--cfg",
+        dest="cfg_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (published: 2.5 at 256 px, 3.5 at 512 px); --cfg is an alias",
+    )
     p.add_argument("--mask-temp", type=float, default=None, help="masking temperature (published: 1.5)")
     p.add_argument("--samp-temp", type=float, default=None, help="sampling temperature (published: 6 at 256 px, 4 at 512 px)")
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i) (default 0)")
-    p.add_argument("--class", dest="klass", type=int, default=None, help="one class for every sample (default: sample i gets class i mod K)")
-    p.add_argument("--backend", default="auto", choices=("auto",) + tuple(_backends.BACKENDS),
-                   help="enat_kernels backend of the fused path (default auto: cpu on CPUs, triton/cuda on GPUs)")
+    p.add_argument(
+        "--class", dest="klass", type=int, default=None, help="one class for every sample (default: sample i gets class i mod K)"
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto",) + tuple(_backends.BACKENDS),
+        help="enat_kernels backend of the fused path (default auto: cpu on CPUs, triton/cuda on GPUs)",
+    )
     p.add_argument("--compare", action="store_true", help="also time the reference (torch) path on the same weights and seeds")
     p.add_argument("--out", default="enat_samples", help="output folder (default enat_samples)")
     p.add_argument("--resume", action="store_true", help="keep slices already saved in OUT/slices and compute only the rest")
-    p.add_argument("--overwrite", action="store_true", help="delete slices an earlier run saved in OUT/slices (without it, or --resume, such a run is refused)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete slices an earlier run saved in OUT/slices (without it, or --resume, such a run is refused)",
+    )
     p.add_argument("--vq-checkpoint", default=None, help="MaskGIT VQGAN checkpoint (vqgan_jax_strongaug.ckpt) to decode images")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--cuda-graph", action="store_true", help="capture each sampling step in a CUDA graph (GPU only)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: all cores, or 1 when other processes already keep every core busy)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: all cores, or 1 when other processes already keep every core busy)",
+    )
     p.add_argument("--profile", action="store_true", help="print where sampling time goes (torch.profiler), per category")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -146,14 +171,23 @@ class SliceRunner:
         if backend == self.fused and self.graphs is not None:
             B = labels.shape[0]
             if B not in self.graphs:  # captured once per batch size (the capture is not timed)
-                self.graphs[B] = CUDAGraphSampler(self.model, B, st["steps"], st["cfg_scale"], mask_temp=st["mask_temp"],
-                                                  samp_temp=st["samp_temp"], backend=backend)
+                self.graphs[B] = CUDAGraphSampler(
+                    self.model, B, st["steps"], st["cfg_scale"], mask_temp=st["mask_temp"], samp_temp=st["samp_temp"], backend=backend
+                )
                 t0 = time.perf_counter()
             out = self.graphs[B](labels, seeds)
         else:
             gens = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-            out = sample(self.model, labels, st["steps"], st["cfg_scale"], mask_temp=st["mask_temp"], samp_temp=st["samp_temp"],
-                         generator=gens, backend=backend)
+            out = sample(
+                self.model,
+                labels,
+                st["steps"],
+                st["cfg_scale"],
+                mask_temp=st["mask_temp"],
+                samp_temp=st["samp_temp"],
+                generator=gens,
+                backend=backend,
+            )
         tokens = out.cpu()  # waits for the device
         return tokens, time.perf_counter() - t0
 
@@ -223,8 +257,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _argument_error(args) -> str | None:
     """What is wrong with the numeric and path arguments (those not tied to the model), or None."""
-    at_least = [("-n/--num-samples", args.num_samples, 1), ("-b/--batch-size", args.batch_size, 1),
-                ("--steps", args.steps, 1), ("--heads", args.heads, 1)]
+    at_least = [
+        ("-n/--num-samples", args.num_samples, 1),
+        ("-b/--batch-size", args.batch_size, 1),
+        ("--steps", args.steps, 1),
+        ("--heads", args.heads, 1),
+    ]
     for name, value, low in at_least:
         if value is not None and value < low:
             return f"{name} must be at least {low}, got {value}"
@@ -319,8 +357,7 @@ def _checked_output(args) -> tuple[str, list[str]]:
     if folders:  # never deleted, never read: not something this program wrote
         raise _Refused(f"{folders[0]} is a folder (or other non-file), not a slice; move it away or use another output folder")
     if old and not (args.resume or args.overwrite):
-        raise _Refused(f"{slices_dir} holds {len(old)} slices of an earlier run; pass --resume to keep them "
-                       "or --overwrite to delete them")
+        raise _Refused(f"{slices_dir} holds {len(old)} slices of an earlier run; pass --resume to keep them or --overwrite to delete them")
     return slices_dir, old
 
 
@@ -353,13 +390,16 @@ def _prepared_model(args, device, dtype):
         raise _Refused(str(e)) from e
     config = model.config
     if args.klass is not None and args.klass >= config.num_classes:
-        raise _Refused(f"--class must lie in [0, {config.num_classes - 1}] ({config.name} has {config.num_classes} classes), "
-                       f"got {args.klass}")
+        raise _Refused(
+            f"--class must lie in [0, {config.num_classes - 1}] ({config.name} has {config.num_classes} classes), got {args.klass}"
+        )
     pub = sampling_settings(config)
-    settings = dict(steps=pub.steps if args.steps is None else args.steps,
-                    cfg_scale=pub.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-                    mask_temp=pub.mask_temp if args.mask_temp is None else args.mask_temp,
-                    samp_temp=pub.samp_temp if args.samp_temp is None else args.samp_temp)
+    settings = dict(
+        steps=pub.steps if args.steps is None else args.steps,
+        cfg_scale=pub.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+        mask_temp=pub.mask_temp if args.mask_temp is None else args.mask_temp,
+        samp_temp=pub.samp_temp if args.samp_temp is None else args.samp_temp,
+    )
     fused = _fused_backend(args, device)
     model.set_backend(fused)
     return model, origin, settings, fused
@@ -372,9 +412,12 @@ def _announce(args, model, origin, settings, fused, device, dtype, why_threads, 
     n = torch.get_num_threads()
     threads = f", {n} thread{'s' if n > 1 else ''}{why_threads}" if device.type == "cpu" else ""
     _say(rank, f"enat-sample: {config.name} ({config.num_params() / 1e6:.1f}M parameters), {origin}")
-    _say(rank, f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
-               f"{settings['steps']} steps, cfg_scale {settings['cfg_scale']}, mask_temp {settings['mask_temp']}, "
-               f"samp_temp {settings['samp_temp']}")
+    _say(
+        rank,
+        f"  {device}{threads}, {str(dtype).replace('torch.', '')}, world size {world}; "
+        f"{settings['steps']} steps, cfg_scale {settings['cfg_scale']}, mask_temp {settings['mask_temp']}, "
+        f"samp_temp {settings['samp_temp']}",
+    )
     _say(rank, f"  fused path: backend {desc}" + (", CUDA graphs" if args.cuda_graph else ""))
     for note in notes:
         _say(rank, f"  note: {note}")
@@ -397,10 +440,18 @@ def _sample_slices(args, model, settings, fused, device, slices_dir, rank, world
         runner = SliceRunner(model, settings, fused, args.compare, args.cuda_graph, device)
         progress = Progress(-(-args.num_samples // world), enabled=rank == 0 and not args.quiet)
         try:
-            result = sample_many(model, args.num_samples, slices_dir, global_seed=args.seed, slice_size=args.batch_size,
-                                 labels=labels, backend=fused, sample_fn=runner,
-                                 on_slice=lambda done: progress.update(len(done.sample_indices), runner.last_seconds),
-                                 **settings)
+            result = sample_many(
+                model,
+                args.num_samples,
+                slices_dir,
+                global_seed=args.seed,
+                slice_size=args.batch_size,
+                labels=labels,
+                backend=fused,
+                sample_fn=runner,
+                on_slice=lambda done: progress.update(len(done.sample_indices), runner.last_seconds),
+                **settings,
+            )
         except SliceError as e:  # raised before any slice is computed
             raise _Refused(str(e)) from e
         finally:
@@ -450,8 +501,7 @@ def _save_outputs(args, config, result, decoder) -> None:
     else:
         shown = tokens[:64]
         npy, png = save_token_maps(shown, args.out, codebook_size=config.codebook_size)
-        print(f"  preview: {png} -- TOKEN MAPS (one colour per code), NOT images; "
-              f"pass --vq-checkpoint to decode images")
+        print(f"  preview: {png} -- TOKEN MAPS (one colour per code), NOT images; pass --vq-checkpoint to decode images")
 
 
 def _profile(model, fused, args, settings, device) -> None:
@@ -460,8 +510,18 @@ def _profile(model, fused, args, settings, device) -> None:
     labels = torch.arange(min(args.batch_size, args.num_samples)) % model.config.num_classes
     for be in [fused] + (["torch"] if args.compare else []):
         gen = torch.Generator(device=device).manual_seed(0)
-        cats = profile_sampling(lambda: sample(model, labels, settings["steps"], settings["cfg_scale"], mask_temp=settings["mask_temp"],
-                                               samp_temp=settings["samp_temp"], generator=gen, backend=be))
+        cats = profile_sampling(
+            lambda: sample(
+                model,
+                labels,
+                settings["steps"],
+                settings["cfg_scale"],
+                mask_temp=settings["mask_temp"],
+                samp_temp=settings["samp_temp"],
+                generator=gen,
+                backend=be,
+            )
+        )
         print(format_breakdown(cats, f"  profile, {be} path, one batch of {labels.shape[0]}"))
 
 

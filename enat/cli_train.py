@@ -90,12 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Train or fine-tune ENAT on VQ token features (fused enat_kernels path).")
     p.add_argument("--data", required=True, help=".npy feature file (rows [label, tokens]) or a directory of them")
     p.add_argument("--config", default=None, help=f"configuration name (default {DEFAULT_CONFIG}, or read from --init)")
-    p.add_argument("--heads", type=_positive(int), default=None, help="head count when the configuration is read from --init (default width / 64)")
+    p.add_argument(
+        "--heads", type=_positive(int), default=None, help="head count when the configuration is read from --init (default width / 64)"
+    )
     p.add_argument("--init", default=None, help="start from these weights (e.g. a released nnet_ema.pth) instead of from scratch")
     p.add_argument("--out", default="enat_train", help="output folder: checkpoints in OUT/ckpts (default enat_train)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in OUT/ckpts")
-    p.add_argument("--overwrite", action="store_true", help="delete the checkpoints an earlier run left in OUT/ckpts (without it, or --resume, such a run is refused)")
-    p.add_argument("-b", "--batch-size", type=_positive(int), default=64, help="global batch, over all processes (published: 2048; default 64)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the checkpoints an earlier run left in OUT/ckpts (without it, or --resume, such a run is refused)",
+    )
+    p.add_argument(
+        "-b", "--batch-size", type=_positive(int), default=64, help="global batch, over all processes (published: 2048; default 64)"
+    )
     p.add_argument("--steps", type=_positive(int), default=1000, help="total optimizer steps (published: 500k; default 1000)")
     p.add_argument("--lr", type=float, default=T.LR, help=f"peak learning rate (default {T.LR})")
     p.add_argument("--weight-decay", type=float, default=T.WEIGHT_DECAY, help=f"AdamW weight decay (default {T.WEIGHT_DECAY})")
@@ -103,15 +111,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=T.WARMUP_STEPS, help=f"linear warm-up steps (default {T.WARMUP_STEPS})")
     p.add_argument("--ema-decay", type=float, default=T.EMA_DECAY, help=f"EMA rate (default {T.EMA_DECAY})")
     p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value (default: off)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPUs (fp16 with loss scaling); fp32 on CPUs")
+    p.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast on GPUs (fp16 with loss scaling); fp32 on CPUs"
+    )
     p.add_argument("--label-drop", type=float, default=T.LABEL_DROP, help=f"null-label probability (default {T.LABEL_DROP})")
     p.add_argument("--reuse-prob", type=float, default=T.REUSE_PROB, help=f"probability of a reuse step (default {T.REUSE_PROB})")
     p.add_argument("--per-row-ratio", action="store_true", help="one mask ratio per row (ragged batch) instead of one per batch")
     p.add_argument("--label-smoothing", type=float, default=T.LABEL_SMOOTHING, help=f"(default {T.LABEL_SMOOTHING})")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout after the embedding LayerNorm (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization, sample order, masks and dropout (default 0)")
-    p.add_argument("--backend", default="auto", choices=("auto",) + tuple(_backends.BACKENDS),
-                   help="enat_kernels backend (default auto: cpu on CPUs, triton/cuda on GPUs; torch = reference path)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto",) + tuple(_backends.BACKENDS),
+        help="enat_kernels backend (default auto: cpu on CPUs, triton/cuda on GPUs; torch = reference path)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=_positive(int), default=None, help="CPU threads for torch")
     p.add_argument("--log-every", type=_positive(int), default=50, help="progress line every N steps (default 50)")
@@ -154,10 +168,21 @@ def build_trainer(args) -> tuple[Trainer, str]:
     model = ENAT(config, backend=backend)
     origin = init_weights(model, args.init, args.seed)
     settings = TrainSettings(
-        global_batch=args.batch_size, seed=args.seed, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-        betas=tuple(args.betas), warmup=args.warmup, ema_decay=args.ema_decay, grad_clip=args.grad_clip,
-        precision=args.precision, label_drop=args.label_drop, reuse_prob=args.reuse_prob,
-        per_row_ratio=args.per_row_ratio, label_smoothing=args.label_smoothing, dropout=args.dropout,
+        global_batch=args.batch_size,
+        seed=args.seed,
+        steps=args.steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        betas=tuple(args.betas),
+        warmup=args.warmup,
+        ema_decay=args.ema_decay,
+        grad_clip=args.grad_clip,
+        precision=args.precision,
+        label_drop=args.label_drop,
+        reuse_prob=args.reuse_prob,
+        per_row_ratio=args.per_row_ratio,
+        label_smoothing=args.label_smoothing,
+        dropout=args.dropout,
     )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.manual_seed(args.seed + rank)  # dropout: its own stream per rank
@@ -171,7 +196,8 @@ def build_trainer(args) -> tuple[Trainer, str]:
                 skipped.append(str(e))
                 continue
             origin = f"resumed from {path} (step {trainer.step})" + "".join(
-                f"\n  note: skipped a damaged checkpoint: {why}" for why in skipped)
+                f"\n  note: skipped a damaged checkpoint: {why}" for why in skipped
+            )
             break
         else:
             raise CheckpointError(f"--resume: no checkpoint in {os.path.join(args.out, 'ckpts')} can be loaded: " + "; ".join(skipped))
@@ -205,9 +231,12 @@ def _train(args, on_step, distributed: bool) -> int:
         return 2
     config, s = trainer.config, trainer.settings
     _say(rank, f"{PROG}: {config.name} ({config.num_params() / 1e6:.1f}M parameters), {origin}")
-    _say(rank, f"  data: {len(trainer.data)} rows from {len(trainer.data.files)} file(s); global batch {s.global_batch} "
-               f"over {trainer.world} process(es); {trainer.device}, {s.precision}, backend "
-               f"{trainer.model.resolved_backends().describe()}")
+    _say(
+        rank,
+        f"  data: {len(trainer.data)} rows from {len(trainer.data.files)} file(s); global batch {s.global_batch} "
+        f"over {trainer.world} process(es); {trainer.device}, {s.precision}, backend "
+        f"{trainer.model.resolved_backends().describe()}",
+    )
     if args.overwrite:
         if rank == 0:
             shutil.rmtree(os.path.join(args.out, "ckpts"), ignore_errors=True)
@@ -230,14 +259,20 @@ def _train(args, on_step, distributed: bool) -> int:
         if logs or saves:  # checked only here: a host read every step would stall the GPU queue
             bad = _first_nonfinite(unchecked, trainer.step)
             if bad is not None:
-                print(f"{PROG}: the loss is {bad[1]} at step {bad[0]}; stopped without saving "
-                      "(lower --lr, set --grad-clip, or resume from the last checkpoint)", file=sys.stderr)
+                print(
+                    f"{PROG}: the loss is {bad[1]} at step {bad[0]}; stopped without saving "
+                    "(lower --lr, set --grad-clip, or resume from the last checkpoint)",
+                    file=sys.stderr,
+                )
                 return 1
             unchecked = []
         if logs:
             images, tokens = meter.rates(s.global_batch, config.tokens)
-            _say(rank, f"  step {trainer.step}/{s.steps}  loss {running.item() / n:.4f}  lr {trainer.lr:.3g}  "
-                       f"{tokens:,.0f} tokens/s  {images:.1f} images/s  epoch {trainer.stream.epoch_of(trainer.step):.2f}")
+            _say(
+                rank,
+                f"  step {trainer.step}/{s.steps}  loss {running.item() / n:.4f}  lr {trainer.lr:.3g}  "
+                f"{tokens:,.0f} tokens/s  {images:.1f} images/s  epoch {trainer.stream.epoch_of(trainer.step):.2f}",
+            )
             running, n = None, 0
         if saves:
             path = trainer.save()

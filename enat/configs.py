@@ -116,8 +116,8 @@ def get_config(name: str) -> ENATConfig:
             f"'e22d2-c1024h16-l256' (encoder blocks, decoder blocks, width, heads, tokens"
             f"[, -v<codebook>][, -k<classes>]); documented ones: {known}"
         )
-    ne, nd, c, h, l, v, k = m.groups()
-    return ENATConfig(int(ne), int(nd), int(c), int(h), int(l),
+    ne, nd, c, h, tokens, v, k = m.groups()
+    return ENATConfig(int(ne), int(nd), int(c), int(h), int(tokens),
                       codebook_size=int(v) if v else 1024, num_classes=int(k) if k else 1000)
 
 

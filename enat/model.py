@@ -366,7 +366,8 @@ class ENAT(nn.Module):
     def _check_inputs(self, ids, labels, prev):
         config = self.config
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"ids must be an integer (batch, tokens) tensor (int64 or int32), got {getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}")
+            got = f"{getattr(ids, 'dtype', type(ids))} {tuple(getattr(ids, 'shape', ()))}"
+            raise TypeError(f"ids must be an integer (batch, tokens) tensor (int64 or int32), got {got}")
         if ids.shape[1] != config.tokens:
             raise ValueError(f"ids has {ids.shape[1]} tokens per row but configuration {config.name} has {config.tokens}")
         if labels.reshape(-1).shape[0] != ids.shape[0]:

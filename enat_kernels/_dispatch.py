@@ -270,7 +270,8 @@ def attention_error(name: str, device: str | torch.device, dtype: torch.dtype | 
             return refused[dtype]
         if dtype not in caps.dtypes:
             return f"the {name} backend does not support dtype {_dtype_name(dtype)} (supports {', '.join(map(_dtype_name, caps.dtypes))})"
-    if head_dim is not None and (head_dim < 1 or head_dim > caps.max_head_dim or (caps.head_dims is not None and head_dim not in caps.head_dims)):
+    listed = caps.head_dims is None or head_dim in caps.head_dims
+    if head_dim is not None and (head_dim < 1 or head_dim > caps.max_head_dim or not listed):
         allowed = caps.head_dims if caps.head_dims is not None else f"1..{caps.max_head_dim}"
         return f"the {name} backend does not support head_dim {head_dim} (supports {allowed})"
     return None
@@ -408,8 +409,9 @@ class Support:
         return self.backend is not None
 
 
-def supports(op: str, *tensors: torch.Tensor, backend: str | None = None, device=None,
-             dtype: torch.dtype | None = None, head_dim: int | None = None) -> Support:
+def supports(
+    op: str, *tensors: torch.Tensor, backend: str | None = None, device=None, dtype: torch.dtype | None = None, head_dim: int | None = None
+) -> Support:
     """Whether (and with which backend) public op `op` runs on these inputs, without running it.
 
     op: a public function name ("sc_attention", "gather_tokens", ...).  The inputs are

@@ -19,7 +19,6 @@ import torch
 
 from . import _extension, _op_checks
 
-
 # ----------------------------------------------------------------------------- shapes
 
 
@@ -32,16 +31,51 @@ def sc_attn_fwd_shapes(q: torch.Tensor):
 # tracing as it would fail eagerly.
 
 
-def sc_attn_fwd_fake(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale):
-    _op_checks.sc_attention_inputs(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond,
-                                   max_seqlen_q, max_seqlen_cond)
+def sc_attn_fwd_fake(
+    q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale
+):
+    _op_checks.sc_attention_inputs(
+        q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond
+    )
     out_shape, lse_shape, lse_dtype = sc_attn_fwd_shapes(q)
     return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=lse_dtype)
 
 
-def sc_attn_bwd_fake(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale):
-    _op_checks.sc_attention_backward_inputs(dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse, cond_lens, self_lens,
-                                            cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond)
+def sc_attn_bwd_fake(
+    dout,
+    dlse,
+    q,
+    k_cond,
+    v_cond,
+    k_self,
+    v_self,
+    out,
+    lse,
+    cond_lens,
+    self_lens,
+    cu_seqlens_q,
+    cu_seqlens_cond,
+    max_seqlen_q,
+    max_seqlen_cond,
+    scale,
+):
+    _op_checks.sc_attention_backward_inputs(
+        dout,
+        dlse,
+        q,
+        k_cond,
+        v_cond,
+        k_self,
+        v_self,
+        out,
+        lse,
+        cond_lens,
+        self_lens,
+        cu_seqlens_q,
+        cu_seqlens_cond,
+        max_seqlen_q,
+        max_seqlen_cond,
+    )
     return tuple(t.new_empty(t.shape) for t in (q, k_cond, v_cond, k_self, v_self))
 
 
@@ -87,8 +121,20 @@ def register_sc_attention_autograd(fwd_op, bwd_op, backend_of=lambda device: dev
         grads = bwd_op(
             dout.contiguous(),
             None if dlse is None else dlse.contiguous(),
-            q, k_cond, v_cond, k_self, v_self, out, lse,
-            cond_lens, self_lens, cu_q, cu_c, ctx.max_q, ctx.max_c, ctx.scale,
+            q,
+            k_cond,
+            v_cond,
+            k_self,
+            v_self,
+            out,
+            lse,
+            cond_lens,
+            self_lens,
+            cu_q,
+            cu_c,
+            ctx.max_q,
+            ctx.max_c,
+            ctx.scale,
         )
         return tuple(grads) + (None,) * 7
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, reference
 from . import _validation as check
-from . import reference
 
 
 def _run(backend: str, varlen: bool, args: tuple):
@@ -103,7 +102,16 @@ def sc_attention(
     q, k_cond, v_cond, k_self, v_self = _check_segments(q, k_cond, v_cond, k_self, v_self, ndim=4)
     B, N, H, D = q.shape
     Nc = k_cond.shape[1]
-    check.dim_equal("batch", {"q.shape[0]": B, "k_cond.shape[0]": k_cond.shape[0], "v_cond.shape[0]": v_cond.shape[0], "k_self.shape[0]": k_self.shape[0], "v_self.shape[0]": v_self.shape[0]})
+    check.dim_equal(
+        "batch",
+        {
+            "q.shape[0]": B,
+            "k_cond.shape[0]": k_cond.shape[0],
+            "v_cond.shape[0]": v_cond.shape[0],
+            "k_self.shape[0]": k_self.shape[0],
+            "v_self.shape[0]": v_self.shape[0],
+        },
+    )
     cond_lens = _lens("cond_lens", cond_lens, B, Nc, q.device)
     self_lens = _lens("self_lens", self_lens, B, N, q.device)
     scale = check.scale(scale)
@@ -147,12 +155,31 @@ def sc_attention_varlen(
     T, H, D = q.shape
     max_seqlen_q = check.cu_seqlens("cu_seqlens_q", cu_seqlens_q, T, max_seqlen_q, "max_seqlen_q", q.device)
     max_seqlen_cond = check.cu_seqlens(
-        "cu_seqlens_cond", cu_seqlens_cond, k_cond.shape[0], max_seqlen_cond, "max_seqlen_cond", q.device, like=("cu_seqlens_q", cu_seqlens_q)
+        "cu_seqlens_cond",
+        cu_seqlens_cond,
+        k_cond.shape[0],
+        max_seqlen_cond,
+        "max_seqlen_cond",
+        q.device,
+        like=("cu_seqlens_q", cu_seqlens_q),
     )
     scale = check.scale(scale)
     if scale is None:
         scale = D**-0.5
     name = _dispatch.select_attention(backend, q.device, q.dtype, D)
-    args = (q, k_cond, v_cond, k_self, v_self, None, None, cu_seqlens_q.contiguous(), cu_seqlens_cond.contiguous(), max_seqlen_q, max_seqlen_cond, scale)
+    args = (
+        q,
+        k_cond,
+        v_cond,
+        k_self,
+        v_self,
+        None,
+        None,
+        cu_seqlens_q.contiguous(),
+        cu_seqlens_cond.contiguous(),
+        max_seqlen_q,
+        max_seqlen_cond,
+        scale,
+    )
     out, lse = _run(name, True, args)
     return (out, lse) if return_lse else out

@@ -18,10 +18,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, reference
 from . import _validation as check
-from . import reference
-
 
 _REFERENCE = {
     "mask_to_indices": reference.mask_to_indices_ref,

@@ -102,7 +102,10 @@ def read_tests(work: Path) -> dict | None:
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     counts["failed_ids"] = [
-        f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase") if c.find("failure") is not None or c.find("error") is not None
+        f"{c.get('classname')}::{c.get('name')}"
+        for s in suites
+        for c in s.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
     ]
     return counts
 
@@ -152,14 +155,16 @@ def attention_table(rows: list[report.Row]) -> list[dict]:
                 if key not in anchors or r.median < anchors[key].median:
                     anchors[key] = r
         best = min(ours.values(), key=lambda r: r.median) if ours else None
-        out.append({
-            "op": op,
-            "case": case,
-            "tflops": {p: r.tflops for p, r in ours.items()} | {k: anchors[k].tflops for k in anchors},
-            "best_ours": best.path if best else None,
-            "ratios": {k: anchors[k].median / best.median for k in ATTN_ANCHORS if k in anchors and best},
-            "anchor_paths": {k: anchors[k].path for k in anchors},
-        })
+        out.append(
+            {
+                "op": op,
+                "case": case,
+                "tflops": {p: r.tflops for p, r in ours.items()} | {k: anchors[k].tflops for k in anchors},
+                "best_ours": best.path if best else None,
+                "ratios": {k: anchors[k].median / best.median for k in ATTN_ANCHORS if k in anchors and best},
+                "anchor_paths": {k: anchors[k].path for k in anchors},
+            }
+        )
     return out
 
 
@@ -170,11 +175,17 @@ def routing_table(rows: list[report.Row]) -> list[dict]:
         if not ours:
             continue
         best = min(ours.values(), key=lambda r: r.median)
-        out.append({
-            "op": op, "case": case, "tbps": {p: r.tbps for p, r in ours.items()}, "best_ours": best.path,
-            "copy_fraction": best.tbps / best.peak_tbps if best.tbps and best.peak_tbps else None,
-            "speedup": best.speedup, "best_anchor": best.best_anchor,
-        })
+        out.append(
+            {
+                "op": op,
+                "case": case,
+                "tbps": {p: r.tbps for p, r in ours.items()},
+                "best_ours": best.path,
+                "copy_fraction": best.tbps / best.peak_tbps if best.tbps and best.peak_tbps else None,
+                "speedup": best.speedup,
+                "best_anchor": best.best_anchor,
+            }
+        )
     return out
 
 
@@ -184,8 +195,15 @@ def sampling_table(rows: list[report.Row]) -> list[dict]:
         torch_row = next((r for r in members if r.path.endswith(":torch")), None)
         for r in members:
             if r is not torch_row:
-                out.append({"case": case, "path": r.path, "seconds": r.median, "torch_seconds": torch_row.median if torch_row else None,
-                            "speedup": torch_row.median / r.median if torch_row else None})
+                out.append(
+                    {
+                        "case": case,
+                        "path": r.path,
+                        "seconds": r.median,
+                        "torch_seconds": torch_row.median if torch_row else None,
+                        "speedup": torch_row.median / r.median if torch_row else None,
+                    }
+                )
     return out
 
 
@@ -221,7 +239,10 @@ def render_tables(attn: list[dict], route: list[dict], samp: list[dict]) -> list
         lines += ["Sampling (seconds per run; speedup vs the torch path)", ""]
         lines += ["| config | path | s | torch s | speedup |", "|---|---|---:|---:|---:|"]
         for s in samp:
-            lines.append(f"| {s['case']} | {s['path']} | {_f(s['seconds'], '{:.3f}')} | {_f(s['torch_seconds'], '{:.3f}')} | {_f(s['speedup'], '{:.2f}x')} |")
+            lines.append(
+                f"| {s['case']} | {s['path']} | {_f(s['seconds'], '{:.3f}')} | {_f(s['torch_seconds'], '{:.3f}')} "
+                f"| {_f(s['speedup'], '{:.2f}x')} |"
+            )
         lines.append("")
     return lines
 
@@ -244,7 +265,9 @@ def summarize(work: Path, out: Path, dry_run: bool = False) -> tuple[dict, str]:
     verdict = "DRY RUN" if dry_run else ("PASS" if phases and all(p["status"] == "PASS" for p in phases) else "FAIL")
     head = [f"enat_kernels GPU session: {verdict}", ""]
     head.append(f"date {env['date']}; device {env.get('gpu') or 'none'}; {env['cpus']} CPUs")
-    head.append("versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "triton", "numpy", "nvcc", "compute_sanitizer") if env.get(k)))
+    head.append(
+        "versions: " + ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "triton", "numpy", "nvcc", "compute_sanitizer") if env.get(k))
+    )
     head.append("")
     head += ["| phase | status | seconds | budget |", "|---|---|---:|---:|"]
     head += [f"| {p['phase']} | {p['status']} | {p['seconds']} | {p['budget']} |" for p in phases]
@@ -263,8 +286,16 @@ def summarize(work: Path, out: Path, dry_run: bool = False) -> tuple[dict, str]:
     if bench:
         md.append("Full benchmark tables: bench-report.md; every log and JSON: artifacts.tar.gz.")
 
-    facts = {"verdict": verdict, "environment": env, "phases": phases, "tests": tests, "attention": attn, "routing": route,
-             "sampling": samp, "commands": commands}
+    facts = {
+        "verdict": verdict,
+        "environment": env,
+        "phases": phases,
+        "tests": tests,
+        "attention": attn,
+        "routing": route,
+        "sampling": samp,
+        "commands": commands,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "summary.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")

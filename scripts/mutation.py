@@ -42,51 +42,108 @@ ROOT = Path(__file__).resolve().parents[1]
 # module -> (source path, test selections: each one pytest invocation, all must pass)
 MODULES = {
     "validation": ("enat_kernels/_validation.py", ["tests/kernels/test_errors.py tests/kernels/test_boundaries.py"]),
-    "dispatch": ("enat_kernels/_dispatch.py", [
-        "tests/kernels/test_boundaries.py tests/kernels/test_errors.py tests/package/test_extension_loading.py tests/package/test_backend_selection.py"]),
-    "routing": ("enat_kernels/routing.py", [
-        "tests/kernels/test_routing.py -k 'torch or cpu' tests/kernels/test_boundaries.py tests/kernels/test_errors.py"]),
-    "reference": ("enat_kernels/reference.py", [
-        "tests/kernels/test_reference.py -k 'not gradcheck or ragged'",
-        "tests/kernels/test_errors.py -k unchecked",
-        "tests/kernels/test_sc_attention.py -k 'torch and (float32 or float16) and not head_dim'",
-        "tests/kernels/test_routing.py -k torch"]),
-    "attention": ("enat_kernels/attention.py", [
-        "tests/kernels/test_errors.py tests/kernels/test_boundaries.py",
-        "tests/kernels/test_sc_attention.py -k 'cpu and not head_dim and not bfloat16 and not float64'"]),
+    "dispatch": (
+        "enat_kernels/_dispatch.py",
+        [
+            "tests/kernels/test_boundaries.py tests/kernels/test_errors.py "
+            "tests/package/test_extension_loading.py tests/package/test_backend_selection.py"
+        ],
+    ),
+    "routing": (
+        "enat_kernels/routing.py",
+        ["tests/kernels/test_routing.py -k 'torch or cpu' tests/kernels/test_boundaries.py tests/kernels/test_errors.py"],
+    ),
+    "reference": (
+        "enat_kernels/reference.py",
+        [
+            "tests/kernels/test_reference.py -k 'not gradcheck or ragged'",
+            "tests/kernels/test_errors.py -k unchecked",
+            "tests/kernels/test_sc_attention.py -k 'torch and (float32 or float16) and not head_dim'",
+            "tests/kernels/test_routing.py -k torch",
+        ],
+    ),
+    "attention": (
+        "enat_kernels/attention.py",
+        [
+            "tests/kernels/test_errors.py tests/kernels/test_boundaries.py",
+            "tests/kernels/test_sc_attention.py -k 'cpu and not head_dim and not bfloat16 and not float64'",
+        ],
+    ),
     "model": ("enat/model.py", ["tests/enat/test_enat_model.py", "tests/enat/test_enat_backends.py -k cpu"]),
-    "sampler": ("enat/sampler.py", ["tests/enat/test_sampler_decisions.py",
-                                    "tests/enat/test_enat_sampler.py -k 'schedule or visible or guidance or per_row'"]),
+    "sampler": (
+        "enat/sampler.py",
+        ["tests/enat/test_sampler_decisions.py", "tests/enat/test_enat_sampler.py -k 'schedule or visible or guidance or per_row'"],
+    ),
 }
 
 # Hand-written mutants: (name, file, original text, mutated text, test selection).
 # The six that once survived the whole suite, plus a few more of the same kind.
 NAMED = [
-    ("guidance off by one (fused)", "enat/sampler.py", "torch.lerp(uncond.float(), cond.float(), 1 + g)",
-     "torch.lerp(uncond.float(), cond.float(), g)", "tests/enat/test_sampler_decisions.py"),
-    ("guidance sign (reference)", "enat/sampler.py", "cond.float() + g * (cond.float() - uncond.float())",
-     "cond.float() - g * (cond.float() - uncond.float())", "tests/enat/test_sampler_decisions.py"),
-    ("masking noise sign flipped", "enat/sampler.py", "confidence = pick_logp + self.mask_temp",
-     "confidence = pick_logp - self.mask_temp", "tests/enat/test_sampler_decisions.py"),
-    ("visible tokens lose +inf confidence", "enat/sampler.py",
-     "conf_full = torch.where(masking, conf_full, torch.full_like(conf_full, math.inf))", "pass",
-     "tests/enat/test_sampler_decisions.py"),
-    ("duplicate index 0 accepted", "enat_kernels/_validation.py", "(s[:, 1:] >= 0)", "(s[:, 1:] > 0)",
-     "tests/kernels/test_boundaries.py"),
-    ("cu_seqlens drop of 1 accepted", "enat_kernels/_validation.py", "if lo < 0:", "if lo < -1:",
-     "tests/kernels/test_boundaries.py"),
-    ("auto selection skips cpu", "enat_kernels/_dispatch.py",
-     '("cpu", "routing"): ("cpu",),', '("cpu", "routing"): (),', "tests/kernels/test_boundaries.py"),
-    ("auto attention selection skips cpu", "enat_kernels/_dispatch.py",
-     '("cpu", "sc_attention"): ("cpu",),', '("cpu", "sc_attention"): (),', "tests/kernels/test_boundaries.py"),
-    ("attention scale D^-1", "enat_kernels/reference.py", "scale = D**-0.5", "scale = D**-1.0",
-     "tests/kernels/test_reference.py -k 'matches_formula and basic'"),
-    ("shift and scale swapped", "enat/model.py",
-     "shift_msa, scale_msa, shift_msa_, scale_msa_, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod",
-     "scale_msa, shift_msa, shift_msa_, scale_msa_, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod",
-     "tests/enat/test_enat_model.py -k without_reuse"),
-    ("head GELU tanh instead of erf", "enat/model.py", "self.gelu = nn.GELU()", 'self.gelu = nn.GELU(approximate="tanh")',
-     "tests/enat/test_enat_model.py -k without_reuse"),
+    (
+        "guidance off by one (fused)",
+        "enat/sampler.py",
+        "torch.lerp(uncond.float(), cond.float(), 1 + g)",
+        "torch.lerp(uncond.float(), cond.float(), g)",
+        "tests/enat/test_sampler_decisions.py",
+    ),
+    (
+        "guidance sign (reference)",
+        "enat/sampler.py",
+        "cond.float() + g * (cond.float() - uncond.float())",
+        "cond.float() - g * (cond.float() - uncond.float())",
+        "tests/enat/test_sampler_decisions.py",
+    ),
+    (
+        "masking noise sign flipped",
+        "enat/sampler.py",
+        "confidence = pick_logp + self.mask_temp",
+        "confidence = pick_logp - self.mask_temp",
+        "tests/enat/test_sampler_decisions.py",
+    ),
+    (
+        "visible tokens lose +inf confidence",
+        "enat/sampler.py",
+        "conf_full = torch.where(masking, conf_full, torch.full_like(conf_full, math.inf))",
+        "pass",
+        "tests/enat/test_sampler_decisions.py",
+    ),
+    ("duplicate index 0 accepted", "enat_kernels/_validation.py", "(s[:, 1:] >= 0)", "(s[:, 1:] > 0)", "tests/kernels/test_boundaries.py"),
+    ("cu_seqlens drop of 1 accepted", "enat_kernels/_validation.py", "if lo < 0:", "if lo < -1:", "tests/kernels/test_boundaries.py"),
+    (
+        "auto selection skips cpu",
+        "enat_kernels/_dispatch.py",
+        '("cpu", "routing"): ("cpu",),',
+        '("cpu", "routing"): (),',
+        "tests/kernels/test_boundaries.py",
+    ),
+    (
+        "auto attention selection skips cpu",
+        "enat_kernels/_dispatch.py",
+        '("cpu", "sc_attention"): ("cpu",),',
+        '("cpu", "sc_attention"): (),',
+        "tests/kernels/test_boundaries.py",
+    ),
+    (
+        "attention scale D^-1",
+        "enat_kernels/reference.py",
+        "scale = D**-0.5",
+        "scale = D**-1.0",
+        "tests/kernels/test_reference.py -k 'matches_formula and basic'",
+    ),
+    (
+        "shift and scale swapped",
+        "enat/model.py",
+        "shift_msa, scale_msa, shift_msa_, scale_msa_, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod",
+        "scale_msa, shift_msa, shift_msa_, scale_msa_, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod",
+        "tests/enat/test_enat_model.py -k without_reuse",
+    ),
+    (
+        "head GELU tanh instead of erf",
+        "enat/model.py",
+        "self.gelu = nn.GELU()",
+        'self.gelu = nn.GELU(approximate="tanh")',
+        "tests/enat/test_enat_model.py -k without_reuse",
+    ),
 ]
 
 
@@ -103,10 +160,9 @@ def forked_tests(work: Path, selections: list[str], timeout: float, preload: tup
     """Run the selections with pytest in a child forked from this process, which has
     imported torch and pytest once (not enat_kernels: the child imports the mutated
     sources itself).  0 when every selection passes, 124 on timeout."""
+    import importlib
     import shlex
     import signal
-
-    import importlib
 
     import hypothesis  # noqa: F401  (imported before the fork, so each child starts warm)
     import pytest  # noqa: F401
@@ -158,8 +214,9 @@ def prepare(work: Path, build: bool) -> None:
     """The scratch copy, with the compiled extension next to the sources it mutates."""
     results = work / "mutation-results.json"
     keep = results.read_bytes() if results.exists() else None
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         src, dst = ROOT / f, work / f
         if src.is_file():
@@ -178,9 +235,11 @@ def prepare(work: Path, build: bool) -> None:
         found = glob.glob(str(pkg / "_C*.so")) + [str(pkg / "_build_info.py")]
         for f in found:
             shutil.copy2(f, work / "enat_kernels" / os.path.basename(f))
-    check = ("import enat_kernels, os; from enat_kernels import _extension; "
-             "assert os.path.dirname(enat_kernels.__file__) == os.path.join(os.getcwd(), 'enat_kernels'), enat_kernels.__file__; "
-             "assert _extension.cpu_extension_error() is None, _extension.cpu_extension_error()")
+    check = (
+        "import enat_kernels, os; from enat_kernels import _extension; "
+        "assert os.path.dirname(enat_kernels.__file__) == os.path.join(os.getcwd(), 'enat_kernels'), enat_kernels.__file__; "
+        "assert _extension.cpu_extension_error() is None, _extension.cpu_extension_error()"
+    )
     if subprocess.run([sys.executable, "-c", check], cwd=work).returncode:
         sys.exit("the scratch copy does not import its own enat_kernels with the compiled extension")
 

@@ -98,7 +98,9 @@ def find_sanitizer(explicit: str | None) -> str:
             cand = Path(home) / "bin" / "compute-sanitizer"
             if cand.is_file() and os.access(cand, os.X_OK):
                 return str(cand)
-    raise CannotRun("compute-sanitizer not found on PATH, in $CUDA_HOME/bin or in /usr/local/cuda/bin; install the CUDA toolkit or pass --sanitizer")
+    raise CannotRun(
+        "compute-sanitizer not found on PATH, in $CUDA_HOME/bin or in /usr/local/cuda/bin; install the CUDA toolkit or pass --sanitizer"
+    )
 
 
 def gpu_error() -> str | None:
@@ -123,11 +125,20 @@ PYTHON = [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executa
 
 def tool_command(sanitizer: str, tool: str, log_file: Path, pytest_args: list[str]) -> list[str]:
     return [
-        sanitizer, "--tool", tool, *TOOL_FLAGS[tool],
-        "--target-processes", "all",  # pytest may start helper processes
-        "--error-exitcode", str(ERROR_EXIT),
-        "--log-file", str(log_file),
-        *PYTHON, "-m", "pytest", *pytest_args,
+        sanitizer,
+        "--tool",
+        tool,
+        *TOOL_FLAGS[tool],
+        "--target-processes",
+        "all",  # pytest may start helper processes
+        "--error-exitcode",
+        str(ERROR_EXIT),
+        "--log-file",
+        str(log_file),
+        *PYTHON,
+        "-m",
+        "pytest",
+        *pytest_args,
     ]
 
 

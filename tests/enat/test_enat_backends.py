@@ -17,10 +17,9 @@ import pytest
 import torch
 
 import enat.backends as enat_backends
-from enat import ENAT, sample
 import enat_kernels as ek
+from enat import sample
 from enat_kernels import _dispatch
-
 from support.enat_models import responsive_model
 from support.tolerances import assert_within_pytorch_error
 

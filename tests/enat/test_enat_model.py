@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import enat
-from enat import ENAT, TokenCounts, sample
-
+from enat import TokenCounts, sample
 from support.enat_direct import DirectENAT
 from support.enat_models import responsive_model
 

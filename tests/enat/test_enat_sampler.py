@@ -12,9 +12,8 @@ import torch
 
 import enat
 import enat_kernels as ek
-from enat import ENAT, sample
+from enat import sample
 from enat.sampler import SamplingPlan, _Sampler
-
 from support.enat_models import responsive_model
 
 CFG = "e2d1-c64h2-l64"

@@ -229,7 +229,11 @@ ARGUMENT_ERRORS = [
     ("train-dropout", ["--dropout", "inf"], "--dropout must be a finite number in [0, 1], got inf"),
     ("train-warmup", ["--warmup", "-5"], "--warmup must be >= 0, got -5"),
     ("train-threads-huge", ["--threads", "100000"], "--threads must lie in [1, 1024], got 100000"),
-    ("train-resume-overwrite", ["--resume", "--overwrite"], "--resume continues the earlier checkpoints and --overwrite deletes them: give one"),
+    (
+        "train-resume-overwrite",
+        ["--resume", "--overwrite"],
+        "--resume continues the earlier checkpoints and --overwrite deletes them: give one",
+    ),
 ]
 
 
@@ -260,22 +264,26 @@ def test_earlier_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     assert main(args_for(data, out, "--steps", "6")) == 0  # saves 3.ckpt and 6.ckpt
     capsys.readouterr()
     assert main(args_for(data, out, "--steps", "3", "--seed", "4")) == 2
-    assert capsys.readouterr().err == (f"enat-train: {out / 'ckpts'} holds 2 checkpoints of an earlier run; "
-                                       "pass --resume to continue it or --overwrite to delete them\n")
+    assert capsys.readouterr().err == (
+        f"enat-train: {out / 'ckpts'} holds 2 checkpoints of an earlier run; pass --resume to continue it or --overwrite to delete them\n"
+    )
     assert sorted(os.listdir(out / "ckpts")) == ["3.ckpt", "6.ckpt"]
     assert main(args_for(data, out, "--steps", "3", "--seed", "4", "--overwrite")) == 0
     assert sorted(os.listdir(out / "ckpts")) == ["3.ckpt"]
     assert ckpt(out, 3, "train_state.pth")["settings"]["seed"] == 4
 
 
-@pytest.mark.parametrize("extra, key, saved, given", [
-    (["--lr", "1e-3"], "lr", "0.0004", "0.001"),
-    (["--warmup", "1"], "warmup", "2", "1"),
-    (["--weight-decay", "0.01"], "weight_decay", "0.03", "0.01"),
-    (["--betas", "0.9", "0.99"], "betas", "(0.99, 0.99)", "(0.9, 0.99)"),
-    (["--ema-decay", "0.5"], "ema_decay", "0.9999", "0.5"),
-    (["--dropout", "0"], "dropout", "0.1", "0.0"),
-])
+@pytest.mark.parametrize(
+    "extra, key, saved, given",
+    [
+        (["--lr", "1e-3"], "lr", "0.0004", "0.001"),
+        (["--warmup", "1"], "warmup", "2", "1"),
+        (["--weight-decay", "0.01"], "weight_decay", "0.03", "0.01"),
+        (["--betas", "0.9", "0.99"], "betas", "(0.99, 0.99)", "(0.9, 0.99)"),
+        (["--ema-decay", "0.5"], "ema_decay", "0.9999", "0.5"),
+        (["--dropout", "0"], "dropout", "0.1", "0.0"),
+    ],
+)
 def test_resume_refuses_other_settings(extra, key, saved, given, tmp_path, capsys):
     data = tmp_path / "train.npy"
     features(data)
@@ -336,8 +344,10 @@ def test_resume_with_no_loadable_checkpoint_is_an_error(tmp_path, capsys):
     capsys.readouterr()
     assert main(args_for(data, out, "--steps", "9", "--resume")) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"enat-train: --resume: no checkpoint in {out / 'ckpts'} can be loaded: "
-                          f"{out / 'ckpts' / '6.ckpt' / 'optimizer.pth'}: cannot be read"), err
+    assert err.startswith(
+        f"enat-train: --resume: no checkpoint in {out / 'ckpts'} can be loaded: "
+        f"{out / 'ckpts' / '6.ckpt' / 'optimizer.pth'}: cannot be read"
+    ), err
     assert f"{out / 'ckpts' / '3.ckpt' / 'nnet.pth'}: cannot be read" in err and "Traceback" not in err
 
 

@@ -8,11 +8,9 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from enat import ENAT
 from enat import training as T
-
 from support.enat_direct import DirectENAT
 from support.tolerances import assert_within_pytorch_error
 

@@ -30,7 +30,6 @@ import enat_kernels as ek
 from enat import get_config, sample
 from enat.model import ENATOutput
 from enat.sampler import _Sampler
-
 from support.enat_models import responsive_model
 
 PATHS = ["torch", "cpu"]
@@ -112,7 +111,14 @@ def run_recorded(stub, labels, steps, cfg_scale, **kw):
 
     _Sampler._choose = spy
     try:
-        out = sample(stub, labels, steps=steps, cfg_scale=cfg_scale, callback=lambda info: sampled.append((info.ids.clone(), info.sampled.clone())), **kw)
+        out = sample(
+            stub,
+            labels,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            callback=lambda info: sampled.append((info.ids.clone(), info.sampled.clone())),
+            **kw,
+        )
     finally:
         _Sampler._choose = choose
     return out, guided, inputs, sampled
@@ -173,8 +179,9 @@ def test_with_noise_the_decisions_follow_the_formula(path, table):
     c, T, cfg_scale, mask_temp, samp_temp = stub.config, 6, 3.0, 1.5, 4.0
     labels = torch.tensor([2, 5, c.null_label])
     B, L, V = len(labels), c.tokens, c.codebook_size
-    _, guided, inputs, sampled = run_recorded(stub, labels, T, cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp,
-                                              generator=torch.Generator().manual_seed(21))
+    _, guided, inputs, sampled = run_recorded(
+        stub, labels, T, cfg_scale, mask_temp=mask_temp, samp_temp=samp_temp, generator=torch.Generator().manual_seed(21)
+    )
     replay = torch.Generator().manual_seed(21)
     for s in range(T):
         r = (s + 1) / T
@@ -204,8 +211,9 @@ def test_visible_tokens_are_never_remasked(path, gen):
     c, T = stub.config, 8
     labels = torch.tensor([0, 3, 6, 8, c.null_label])
     for seed in range(3):
-        _, _, inputs, sampled = run_recorded(stub, labels, T, 1.0, mask_temp=20.0, samp_temp=1.0,
-                                             generator=torch.Generator().manual_seed(seed))
+        _, _, inputs, sampled = run_recorded(
+            stub, labels, T, 1.0, mask_temp=20.0, samp_temp=1.0, generator=torch.Generator().manual_seed(seed)
+        )
         for s in range(1, T):
             visible = inputs[s] != c.mask_id
             nxt, _ = sampled[s]
@@ -222,8 +230,9 @@ def test_guided_logits_of_the_real_model(path, batch_guidance):
     model = responsive_model("e1d1-c32h2-l16-v64-k10", seed=5, backend=path)
     c, T, cfg_scale = model.config, 4, 2.5
     labels = torch.tensor([2, 9])
-    _, guided, inputs, _ = run_recorded(model, labels, T, cfg_scale, generator=torch.Generator().manual_seed(4),
-                                        batch_guidance=batch_guidance)
+    _, guided, inputs, _ = run_recorded(
+        model, labels, T, cfg_scale, generator=torch.Generator().manual_seed(4), batch_guidance=batch_guidance
+    )
     with torch.no_grad(), model.using_backend("torch"):
         prev_c = prev_u = None
         for s, ids in enumerate(inputs):
@@ -234,7 +243,6 @@ def test_guided_logits_of_the_real_model(path, batch_guidance):
             cond, uncond = prev_c.logits[rows, pos].double(), prev_u.logits[rows, pos].double()
             g = 0.0 if s == 0 else s / T * cfg_scale
             logits, _ = guided[s]
-            torch.testing.assert_close(logits.double(), cond + g * (cond - uncond), atol=1e-4, rtol=1e-4,
-                                       msg=f"step {s}")
+            torch.testing.assert_close(logits.double(), cond + g * (cond - uncond), atol=1e-4, rtol=1e-4, msg=f"step {s}")
             if s:
                 assert (g * (cond - uncond)).abs().max() > 1.0  # guidance is not negligible here

@@ -176,7 +176,8 @@ def _define():
     case("max-seqlen-float", T)(lambda b: _varlen(b, max_q=5.0))
     case("op-direct-max-seqlen-huge", OK)(lambda b: _op_direct(b, HUGE, HUGE))
     # cu_seqlens: non-monotonic, negative, past the end, huge, wrong dtype/rank/device.
-    case("cu-non-monotonic", V, OK)(lambda b: _finite_owned(_varlen(b, cu_q=(0, 6, 2, 8), cu_c=(0, 1, 2, 6), max_q=8, max_c=4), slice(0, 6)))
+    case("cu-non-monotonic", V, OK)(
+        lambda b: _finite_owned(_varlen(b, cu_q=(0, 6, 2, 8), cu_c=(0, 1, 2, 6), max_q=8, max_c=4), slice(0, 6)))
     case("cu-negative", V, OK)(lambda b: _varlen(b, cu_q=(0, -5, 8), max_q=8))
     case("cu-int32-max", V, OK)(lambda b: _varlen(b, cu_q=(0, 2**31 - 1, 8), cu_c=(0, -(2**31), 6), max_q=8, max_c=6))
     case("cu-start-not-zero", V, OK)(lambda b: _varlen(b, cu_q=(3, 3, 8)))
@@ -191,7 +192,11 @@ def _define():
     case("lens-int64-2^32+1", V, OK)(lambda b: _clamped_lens_match(b, [2**32 + 1, 2], [2**32 + 1, 3]))
     case("lens-int64-minus-2^33", V, OK)(lambda b: _clamped_lens_match(b, [-(2**33), 4], [-(2**33), 5]))
     case("lens-int64-extremes", V, OK)(lambda b: _clamped_lens_match(b, [HUGE, -(2**63)], [-(2**63), HUGE]))
-    case("lens-int32-extremes", V, OK)(lambda b: _attn(b, cond_lens=torch.tensor([2**31 - 1, -(2**31)], dtype=I32), self_lens=torch.tensor([-(2**31), 2**31 - 1], dtype=I32)))
+    case("lens-int32-extremes", V, OK)(
+        lambda b: _attn(
+            b, cond_lens=torch.tensor([2**31 - 1, -(2**31)], dtype=I32), self_lens=torch.tensor([-(2**31), 2**31 - 1], dtype=I32)
+        )
+    )
     case("lens-float", T)(lambda b: _attn(b, cond_lens=torch.tensor([1.0, 2.0])))
     case("lens-bool", T)(lambda b: _attn(b, self_lens=torch.tensor([True, False])))
     case("lens-rank-0", V)(lambda b: _attn(b, cond_lens=torch.tensor(3)))
@@ -200,11 +205,17 @@ def _define():
     case("lens-batch", V)(lambda b: _attn(b, cond_lens=[1, 2, 3]))
     # Every tensor argument: wrong dtype, rank, device.
     for name in ("q", "k_cond", "v_cond", "k_self", "v_self"):
-        case(f"{name}-int-dtype", T)(lambda b, n=name: _attn(b, **{n: torch.ones(2, 5 if n in ("q", "k_self", "v_self") else 4, 2, 16, dtype=I64)}))
-        case(f"{name}-float64-mixed", T)(lambda b, n=name: _attn(b, **{n: torch.randn(2, 5 if n in ("q", "k_self", "v_self") else 4, 2, 16, dtype=torch.float64)}))
+        case(f"{name}-int-dtype", T)(
+            lambda b, n=name: _attn(b, **{n: torch.ones(2, 5 if n in ("q", "k_self", "v_self") else 4, 2, 16, dtype=I64)})
+        )
+        case(f"{name}-float64-mixed", T)(
+            lambda b, n=name: _attn(b, **{n: torch.randn(2, 5 if n in ("q", "k_self", "v_self") else 4, 2, 16, dtype=torch.float64)})
+        )
         case(f"{name}-rank-3", V)(lambda b, n=name: _attn(b, **{n: torch.randn(2, 5, 32)}))
         case(f"{name}-rank-5", V)(lambda b, n=name: _attn(b, **{n: torch.randn(2, 5, 2, 16, 1)}))
-        case(f"{name}-meta", V)(lambda b, n=name: _attn(b, **{n: torch.randn(2, 5 if n in ("q", "k_self", "v_self") else 4, 2, 16, device="meta")}))
+        case(f"{name}-meta", V)(
+            lambda b, n=name: _attn(b, **{n: torch.randn(2, 5 if n in ("q", "k_self", "v_self") else 4, 2, 16, device="meta")})
+        )
         case(f"{name}-not-tensor", T)(lambda b, n=name: _attn(b, **{n: [[1.0]]}))
     case("head-dim-mismatch", V)(lambda b: _attn(b, k_self=torch.randn(2, 5, 2, 8)))
     case("zero-batch", OK)(lambda b: _attn(b, **dict(zip(("q", "k_cond", "v_cond", "k_self", "v_self"), _dense(b, B=0)))))
@@ -236,7 +247,9 @@ def _define():
     case("gather-index-int32", T)(lambda b: _routing("gather_tokens", x(b), ind(b, [0, 1], [1, 2], dtype=I32), backend=b))
     case("gather-index-float", T)(lambda b: _routing("gather_tokens", x(b), ind(b, [0, 1], [1, 2]).float(), backend=b))
     case("gather-index-rank-1", V)(lambda b: _routing("gather_tokens", x(b), ind(b, 0, 1), backend=b))
-    case("scatter-index-huge", V, OK)(lambda b: _routing("scatter_tokens", x(b), ind(b, [0, 1, 2**40, 3, 4], [HUGE, 1, 2, 3, -9]), 5, backend=b))
+    case("scatter-index-huge", V, OK)(
+        lambda b: _routing("scatter_tokens", x(b), ind(b, [0, 1, 2**40, 3, 4], [HUGE, 1, 2, 3, -9]), 5, backend=b)
+    )
     case("scatter-seq-len-huge", V)(lambda b: _routing("scatter_tokens", x(b), ind(b, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), HUGE, backend=b))
     case("scatter-seq-len-2^40", V)(lambda b: _routing("scatter_tokens", x(b), ind(b, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), 2**40, backend=b))
     case("scatter-seq-len-negative", V)(lambda b: _routing("scatter_tokens", x(b), ind(b, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), -1, backend=b))
@@ -247,7 +260,9 @@ def _define():
     case("mask-int", T)(lambda b: _routing("mask_to_indices", mask(b).long(), 3, backend=b))
     case("split-num-true-huge", V)(lambda b: _routing("split_tokens", x(b), mask(b), HUGE, backend=b))
     case("split-num-false-negative", V)(lambda b: _routing("split_tokens", x(b), mask(b), 3, -2, backend=b))
-    case("merge-unsorted", V, OK)(lambda b: _routing("merge_tokens", x(b)[:, :2], ind(b, [4, 1], [3, -1]), x(b)[:, :3], ind(b, [2, 0, 1 << 50], [1, 0, 2]), backend=b))
+    case("merge-unsorted", V, OK)(
+        lambda b: _routing("merge_tokens", x(b)[:, :2], ind(b, [4, 1], [3, -1]), x(b)[:, :3], ind(b, [2, 0, 1 << 50], [1, 0, 2]), backend=b)
+    )
 
 
 _define()
@@ -279,7 +294,11 @@ def run_batch(specs: list[str], timeout: float = 600) -> dict:
     pending = list(specs)
     while pending:
         proc = subprocess.run(
-            [sys.executable, str(HERE), *pending], capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONFAULTHANDLER": "1"}
+            [sys.executable, str(HERE), *pending],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
         started = None
         for line in proc.stdout.splitlines():
@@ -313,6 +332,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
+
 @pytest.fixture(scope="module")
 def results(request):
     """One batch for the cases this session selected (all of them without -k)."""
@@ -341,4 +361,3 @@ def test_a_crash_is_a_failed_case_not_a_dead_runner(monkeypatch):
     got = run_batch(["zero-batch|cpu|on", "_abort|cpu|on", "zero-batch|cpu|off"])
     assert got["_abort|cpu|on"][0] == "crash"
     assert got["zero-batch|cpu|on"][0] == "ok" and got["zero-batch|cpu|off"][0] == "ok"
-

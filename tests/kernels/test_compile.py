@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import enat_kernels as ek
-
 from support.backends import device_for
 
 H, D = 2, 16

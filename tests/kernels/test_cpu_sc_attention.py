@@ -17,7 +17,6 @@ import torch
 
 import enat_kernels as ek
 from enat_kernels.reference import sc_attention_ref
-
 from support.attention_cases import AttnCase, make_inputs, make_varlen_inputs
 from support.attention_checks import compare, forward_backward
 from support.paths import TESTS

@@ -30,12 +30,11 @@ import torch
 import enat_kernels as ek
 from enat_kernels import _extension
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
-
 from support.attention_cases import CASES, VARLEN_CASES, AttnCase, make_inputs, make_varlen_inputs
 from support.attention_checks import forward_backward
 from support.backends import HAS_CUDA
-from support.tolerances import assert_within_pytorch_error
 from support.paths import REPO as ROOT
+from support.tolerances import assert_within_pytorch_error
 from support.unowned_rows import assert_unowned_rows, spare_rows_inputs
 
 EMU_SRC = ROOT / "csrc" / "cuda" / "sc_attention_emu" / "emu_main.cpp"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import enat_kernels as ek
-
 from support.attention_cases import CASES, VARLEN_CASES, make_inputs, make_varlen_inputs
 from support.backends import device_for, skip_unless_routes, skip_unless_runs
 

@@ -15,7 +15,6 @@ import torch
 import enat_kernels as ek
 from enat_kernels import _dispatch, _validation
 from enat_kernels.reference import sc_attention_ref
-
 from support.backends import device_for, skip_unless_routes, skip_unless_runs
 from support.paths import REPO, import_test_module
 

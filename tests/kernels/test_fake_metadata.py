@@ -21,7 +21,6 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from enat_kernels import _extension
-
 from support.backends import device_for
 
 CPU_ERR = _extension.cpu_extension_error()

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import enat_kernels as ek
-
 from support.backends import device_for, skip_unless_routes
 
 # (B, L, C) uint8 with B * L * C = 2**31 + 2048: the last row starts 2**31 + 1024 bytes in.

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 import enat_kernels as ek
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
-
 from support.attention_cases import make_varlen_inputs
 from support.attention_checks import compare, forward_backward
 from support.backends import device_for, skip_unless_routes
@@ -38,7 +37,9 @@ DENSE_LAYOUTS = ("contiguous", "fused_qkv", "fused_heads", "transposed", "broadc
 def _attention_combos(backend: str):
     """(dtype, head_dim) pairs the backend supports on its device; skip if none."""
     dev = device_for(backend)
-    combos = [(dt, d) for dt in ATTN_DTYPES for d in HEAD_DIMS if ek.supports("sc_attention", device=dev, dtype=dt, head_dim=d, backend=backend)]
+    combos = [
+        (dt, d) for dt in ATTN_DTYPES for d in HEAD_DIMS if ek.supports("sc_attention", device=dev, dtype=dt, head_dim=d, backend=backend)
+    ]
     if not combos:
         pytest.skip(ek.supports("sc_attention", device=dev, dtype=torch.float32, head_dim=64, backend=backend).reason)
     return dev, combos

@@ -13,7 +13,6 @@ from enat_kernels.reference import (
     sc_attention_varlen_ref,
     scatter_rows_ref,
 )
-
 from support.attention_cases import CASES, VARLEN_CASES, make_inputs, make_varlen_inputs
 
 

@@ -20,7 +20,6 @@ import torch
 import enat_kernels as ek
 from enat_kernels import _extension
 from enat_kernels.reference import gather_rows_ref, mask_to_indices_ref, merge_ranks_ref, scatter_rows_ref
-
 from support.backends import HAS_CUDA, device_for, skip_unless_routes
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.bool]
@@ -405,8 +404,11 @@ def test_empty_cases(backend, gen, poison):
 
     a0 = random_tokens((2, 0, C), torch.float32, gen)
     assert_same(ek.scatter_tokens(a0.to(dev), none.to(dev), 6, backend=backend), torch.zeros(2, 6, C))  # N 0
-    assert_same(ek.restore_tokens(a0.to(dev), none.to(dev), a0.to(dev), none.to(dev), 0, backend=backend), torch.zeros(2, 0, C))  # seq_len 0
-    assert_same(ek.scatter_tokens(x0.to(dev), torch.zeros(0, 9, dtype=torch.int64).to(dev), 9, backend=backend), torch.zeros(0, 9, C))  # B 0
+    # seq_len 0
+    assert_same(ek.restore_tokens(a0.to(dev), none.to(dev), a0.to(dev), none.to(dev), 0, backend=backend), torch.zeros(2, 0, C))
+    assert_same(
+        ek.scatter_tokens(x0.to(dev), torch.zeros(0, 9, dtype=torch.int64).to(dev), 9, backend=backend), torch.zeros(0, 9, C)
+    )  # B 0
     padded = random_tokens((2, 4, C), torch.float32, gen)
     assert_same(ek.scatter_tokens(padded.to(dev), pad.to(dev), 5, backend=backend), torch.zeros(2, 5, C))  # only -1
 
@@ -655,8 +657,14 @@ def test_triton_ops_trace_without_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="0")
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(ek.__file__)))  # the enat_kernels under test
     env["PYTHONPATH"] = os.pathsep.join([pkg_root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _TRACE_TRITON_OPS], env=env, cwd=os.path.dirname(os.path.abspath(__file__)),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRACE_TRITON_OPS],
+        env=env,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
@@ -710,9 +718,8 @@ def _sampling_counts(seq_len: int = 256, steps: int = 8) -> list[int]:
 def _routing_keys(count: int, dtype, width: int, L: int = 256, B: int = 2):
     """{launch kind: Triton specialization key} of mask_to_indices, gather and scatter at
     one token count: the key that selects (or compiles) a kernel variant."""
-    from support.triton_jit import jit_for_gpu
-
     from enat_kernels.triton import routing as T
+    from support.triton_jit import jit_for_gpu
 
     mask = torch.zeros(B, L, dtype=torch.bool)
     idx = torch.empty(B, count, dtype=torch.int64)

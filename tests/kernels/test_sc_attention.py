@@ -16,7 +16,6 @@ import torch
 
 import enat_kernels as ek
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
-
 from support.attention_cases import (
     CASES,
     VARLEN_CASES,

@@ -23,7 +23,6 @@ import torch
 
 import enat_kernels as ek
 from enat_kernels import _dispatch, _ops
-
 from support.attention_cases import AttnCase, make_inputs
 from support.attention_checks import check_dense_against_oracle
 from support.backends import HAS_CUDA

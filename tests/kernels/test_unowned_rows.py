@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import enat_kernels as ek
-
 from support.backends import device_for, skip_unless_runs
 from support.unowned_rows import LAYOUTS, assert_unowned_rows, spare_rows_inputs
 

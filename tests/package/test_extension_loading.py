@@ -58,7 +58,9 @@ def test_loader_reports_unbuilt_package(monkeypatch):
 
 
 def test_loader_reports_skipped_cuda_build(monkeypatch):
-    monkeypatch.setattr(_extension, "_build_info", lambda: _fake_build_info(CUDA_BUILT=False, CUDA_SKIP_REASON="ENAT_KERNELS_SKIP_CUDA is set"))
+    monkeypatch.setattr(
+        _extension, "_build_info", lambda: _fake_build_info(CUDA_BUILT=False, CUDA_SKIP_REASON="ENAT_KERNELS_SKIP_CUDA is set")
+    )
     assert "ENAT_KERNELS_SKIP_CUDA" in _extension._load("_C_cuda")
 
 

@@ -133,8 +133,8 @@ def sc_attention_varlen_oracle(q, k_cond, v_cond, k_self, v_self, cu_q, cu_c, sc
     outs, lses = [], []
     for b in range(len(cu_q) - 1):
         qs, qe, cs, ce = int(cu_q[b]), int(cu_q[b + 1]), int(cu_c[b]), int(cu_c[b + 1])
-        o, l = sc_attention_oracle(q[None, qs:qe], k_cond[None, cs:ce], v_cond[None, cs:ce], k_self[None, qs:qe],
+        o, lse = sc_attention_oracle(q[None, qs:qe], k_cond[None, cs:ce], v_cond[None, cs:ce], k_self[None, qs:qe],
                                    v_self[None, qs:qe], scale=scale)
         outs.append(o[0])
-        lses.append(l[0])
+        lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)

@@ -9,7 +9,6 @@ import torch
 
 import enat_kernels as ek
 from enat_kernels.reference import sc_attention_ref
-
 from support.attention_cases import make_inputs, sc_attention_oracle
 from support.tolerances import assert_within_pytorch_error
 

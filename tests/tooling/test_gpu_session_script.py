@@ -41,7 +41,9 @@ def test_dry_run_lists_every_phase_in_order(tmp_path):
     for c in [tests] + [c for c in commands if "benchmarks/bench_" in c]:
         assert " -P -m pytest" in c, c  # the installed package, not the uncompiled source tree
     files = [t for t in tests.split() if t.startswith("tests/")]
-    assert {"tests/kernels/test_sc_attention.py", "tests/kernels/test_triton_sc_attention.py", "tests/kernels/test_routing.py"} <= set(files)
+    assert {"tests/kernels/test_sc_attention.py", "tests/kernels/test_triton_sc_attention.py", "tests/kernels/test_routing.py"} <= set(
+        files
+    )
     bench = " ".join(c for c in commands if "benchmarks/" in c)
     for name in files + ["benchmarks/bench_sc_attention.py", "benchmarks/bench_routing.py", "benchmarks/bench_sampling.py"]:
         assert os.path.exists(os.path.join(ROOT, name)), name  # a renamed file must not drop out silently
@@ -79,8 +81,16 @@ def _slow_python(tmp_path):
 
 def test_phase_over_budget_is_stopped_and_the_run_goes_on(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    res = _run("check", "bench-routing", out=out, work=work, timeout=60,
-               PYTHON=_slow_python(tmp_path), ENAT_GPU_BUDGET_check="2", ENAT_GPU_BUDGET_bench_routing="2")
+    res = _run(
+        "check",
+        "bench-routing",
+        out=out,
+        work=work,
+        timeout=60,
+        PYTHON=_slow_python(tmp_path),
+        ENAT_GPU_BUDGET_check="2",
+        ENAT_GPU_BUDGET_bench_routing="2",
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     assert _phases(work) == {"check": "TIMEOUT", "bench-routing": "TIMEOUT"}
     summary = (out / "summary.md").read_text()
@@ -102,9 +112,20 @@ def test_global_deadline_caps_a_phase_and_skips_what_does_not_fit(tmp_path):
 
 def _bench(path, role, median, op="sc_attention", direction="fwd", case="dec256: B=500 Nq=128 Nc=128 H=16 D=64", flops=1e12, nbytes=None):
     return {
-        "name": f"test[{path}]", "group": None, "stats": {"median": median},
-        "extra_info": {"op": op, "direction": direction, "case_label": case, "path": path, "role": role,
-                       "flops": flops, "bytes": nbytes, "peak_tflops": 800.0, "peak_tbps": 4.0},
+        "name": f"test[{path}]",
+        "group": None,
+        "stats": {"median": median},
+        "extra_info": {
+            "op": op,
+            "direction": direction,
+            "case_label": case,
+            "path": path,
+            "role": role,
+            "flops": flops,
+            "bytes": nbytes,
+            "peak_tflops": 800.0,
+            "peak_tbps": 4.0,
+        },
     }
 
 
@@ -112,12 +133,22 @@ def test_summary_tables_from_benchmark_json(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     (work / "phases.tsv").write_text("phase\tstatus\trc\tseconds\tbudget\nbench-attn\tPASS\t0\t50\t80\n")
-    attn = [_bench("ours:cuda", "ours", 2e-3), _bench("ours:triton", "ours", 4e-3), _bench("sdpa:flash+cat", "anchor", 5e-3),
-            _bench("sdpa:cudnn+cat", "anchor", 3e-3), _bench("sdpa:flash", "anchor", 2.5e-3), _bench("reference", "anchor", 8e-3)]
-    route = [_bench("ours:cuda", "ours", 1e-4, op="routing:gather", direction=None, case="step256: B=500", flops=None, nbytes=2e8),
-             _bench("gather", "anchor", 3e-4, op="routing:gather", direction=None, case="step256: B=500", flops=None, nbytes=2e8)]
-    samp = [_bench("ours:cuda", "ours", 1.0, op="sampling", direction=None, case="enat-l-256: B=250 steps=8", flops=None),
-            _bench("reference:torch", "anchor", 1.5, op="sampling", direction=None, case="enat-l-256: B=250 steps=8", flops=None)]
+    attn = [
+        _bench("ours:cuda", "ours", 2e-3),
+        _bench("ours:triton", "ours", 4e-3),
+        _bench("sdpa:flash+cat", "anchor", 5e-3),
+        _bench("sdpa:cudnn+cat", "anchor", 3e-3),
+        _bench("sdpa:flash", "anchor", 2.5e-3),
+        _bench("reference", "anchor", 8e-3),
+    ]
+    route = [
+        _bench("ours:cuda", "ours", 1e-4, op="routing:gather", direction=None, case="step256: B=500", flops=None, nbytes=2e8),
+        _bench("gather", "anchor", 3e-4, op="routing:gather", direction=None, case="step256: B=500", flops=None, nbytes=2e8),
+    ]
+    samp = [
+        _bench("ours:cuda", "ours", 1.0, op="sampling", direction=None, case="enat-l-256: B=250 steps=8", flops=None),
+        _bench("reference:torch", "anchor", 1.5, op="sampling", direction=None, case="enat-l-256: B=250 steps=8", flops=None),
+    ]
     for name, rows in (("bench-attn.json", attn), ("bench-routing.json", route), ("bench-sampling.json", samp)):
         (work / name).write_text(json.dumps({"machine_info": {}, "benchmarks": rows}))
     res = subprocess.run([sys.executable, SUMMARY, "--work", str(work), "--out", str(out)], capture_output=True, text=True, timeout=120)
@@ -129,7 +160,9 @@ def test_summary_tables_from_benchmark_json(tmp_path):
     # SDPA's kernels compete as one anchor (its fastest); the ratio is anchor / best of ours.
     assert row["ratios"] == pytest.approx({"sdpa+cat": 1.5, "sdpa": 1.25, "reference": 4.0})
     (r,) = facts["routing"]
-    assert r["tbps"] == pytest.approx({"ours:cuda": 2.0}) and r["copy_fraction"] == pytest.approx(0.5) and r["speedup"] == pytest.approx(3.0)
+    assert (
+        r["tbps"] == pytest.approx({"ours:cuda": 2.0}) and r["copy_fraction"] == pytest.approx(0.5) and r["speedup"] == pytest.approx(3.0)
+    )
     (s,) = facts["sampling"]
     assert s["speedup"] == pytest.approx(1.5)
     assert "| fwd | dec256: B=500 Nq=128 Nc=128 | 250.0 | 500.0 | cuda | 1.50x | 1.25x | 4.00x |" in res.stdout
