@@ -213,13 +213,6 @@ SCA_DEVICE KvSegment self_kv(const Params& p, int b, const SeqExtent& s, int h) 
           s.length};
 }
 
-// The key segment of a dK/dV block.
-template <class Params, int BN>
-SCA_DEVICE KvSegment key_block_kv(const Params& p, const KeyBlock<BN>& kb) {
-  if (kb.cond) return cond_kv(p, kb.b, kb.k, kb.h);
-  return self_kv(p, kb.b, kb.k, kb.h);
-}
-
 // cp.async keys [k0, k0 + ROWS) of a segment's K and V into two shared tiles (keys at or
 // beyond the length zero-filled).
 template <int ROWS, int D, int NT>
@@ -256,12 +249,26 @@ struct KvStream {
   int count;   // all tiles; >= 1 when the block has a valid query (its own key is one)
   uint16_t *sK, *sV;
 
+  // Selected field by field: `t < n_cond ? cond : self` would select a reference to either
+  // member and put the whole stream in local memory.
+  SCA_DEVICE KvSegment segment(int t) const {
+    const bool c = t < n_cond;
+    return {c ? cond.k : self.k, c ? cond.v : self.v, c ? cond.k_stride : self.k_stride,
+            c ? cond.v_stride : self.v_stride, c ? cond.length : self.length};
+  }
   SCA_DEVICE int first_key(int t) const { return (t < n_cond ? t : t - n_cond) * BN; }
   SCA_DEVICE KeyMask mask(int t) const { return {first_key(t), t < n_cond ? cond.length : self.length}; }
   SCA_DEVICE void load(int t, int tid) const {
     const int buf = t & 1;
-    load_kv_tile<BN, D, NT>(sK + buf * BN * (D + kPad), sV + buf * BN * (D + kPad), t < n_cond ? cond : self,
-                            first_key(t), tid);
+    load_kv_tile<BN, D, NT>(sK + buf * BN * (D + kPad), sV + buf * BN * (D + kPad), segment(t), first_key(t), tid);
+  }
+  // At the top of iteration t: start loading tile t + 1 into the other buffer, then wait
+  // until tile t (and whatever was committed with tile 0) has landed for the whole block.
+  SCA_DEVICE void advance(int t, int tid) const {
+    if (t + 1 < count) load(t + 1, tid);
+    cp_async_commit();
+    cp_async_wait<1>();
+    block_sync();
   }
   SCA_DEVICE const uint16_t* k_tile(int t) const { return sK + (t & 1) * BN * (D + kPad); }
   SCA_DEVICE const uint16_t* v_tile(int t) const { return sV + (t & 1) * BN * (D + kPad); }
