@@ -17,25 +17,13 @@
 // their probabilities are exactly 0.  All per-row quantities are row-local, so the rows
 // that are computed on zero-filled padding are simply not stored (or stored as zeros).
 #pragma once
-#include "cuda/sc_attention_params.h"
-#include "cuda/sc_attention_primitives.cuh"
+#include "cuda/sc_attention_block.cuh"
 
 namespace enat_kernels::cuda::sca {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = __builtin_huge_valf();
-constexpr int kPad = 8;  // elements of padding per shared-memory row
-
-template <class T>
-SCA_DEVICE T min_(T a, T b) {
-  return a < b ? a : b;
-}
-template <class T>
-SCA_DEVICE T max_(T a, T b) {
-  return a < b ? b : a;
-}
-SCA_DEVICE int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 // ----------------------------------------------------------------------------- tile configurations
 
@@ -66,82 +54,6 @@ struct BwdDkvCfg {
   static constexpr int LD = D + kPad;
   static constexpr int kSmemBytes = (2 * BN + 4 * BM) * LD * 2 + 4 * BM * 4;  // K, V, 2 x (Q, dO, lse, delta)
 };
-
-// ----------------------------------------------------------------------------- sequences
-
-// One sequence (batch row) of one segment.
-struct Seq {
-  int64_t start;     // token index of the sequence's row 0 in the (packed) input tensors; 0 dense
-  int64_t out_row0;  // row of token 0 in the contiguous (rows, H, D) outputs / dout / out
-  int len;           // valid rows, clamped into bounds
-  int rows;          // output rows this sequence owns: dense max_len (padding is zeroed), packed len
-};
-
-SCA_DEVICE Seq make_seq(const int32_t* lens, const int32_t* cu, int b, int max_len, int64_t total) {
-  Seq s;
-  if (cu != nullptr) {
-    const int64_t lo = min_<int64_t>(max_<int64_t>(ld_global(cu + b), 0), total);
-    const int64_t n = static_cast<int64_t>(ld_global(cu + b + 1)) - lo;
-    const int64_t len = min_<int64_t>(min_<int64_t>(max_<int64_t>(n, 0), max_len), total - lo);
-    s.start = lo;
-    s.out_row0 = lo;
-    s.len = static_cast<int>(len);
-    s.rows = s.len;
-  } else {
-    s.start = 0;
-    s.out_row0 = static_cast<int64_t>(b) * max_len;
-    s.len = lens != nullptr ? min_(max_(ld_global(lens + b), 0), max_len) : max_len;
-    s.rows = max_len;
-  }
-  return s;
-}
-
-// Head h of row 0 of sequence `s` in a strided input.
-SCA_DEVICE const uint16_t* seq_base(const uint16_t* x, const RowStrides& st, int b, const Seq& s, int h) {
-  return x + b * st.batch + s.start * st.token + h * st.head;
-}
-
-// Head h of row 0 of sequence `s` in a contiguous (rows, H, D) tensor.
-template <class Ptr>
-SCA_DEVICE Ptr out_base(Ptr x, const Seq& s, int h, int H, int D) {
-  return x + (s.out_row0 * H + h) * D;
-}
-
-// Offset of row 0 of sequence b's lse (and delta, dlse) entries for head h.
-SCA_DEVICE int64_t lse_base(const SeqLayout& L, int b, int h, const Seq& q) {
-  return L.cu_q != nullptr ? h * L.total_q + q.out_row0 : (static_cast<int64_t>(b) * L.heads + h) * L.max_q;
-}
-
-// ----------------------------------------------------------------------------- tiles in shared memory
-
-// cp.async rows [row0, row0 + ROWS) of a head (row i at src + i * token_stride, D
-// contiguous elements) into a shared tile with row stride D + kPad.  Rows at or beyond
-// `len` are zero-filled without touching global memory.  Callers ensure len >= 1 when
-// row0 < len, so row 0 of the sequence is a mapped dummy source for the zero fills.
-template <int ROWS, int D, int NT>
-SCA_DEVICE void load_tile(uint16_t* tile, const uint16_t* src, int64_t token_stride, int row0, int len, int tid) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static_assert((ROWS * kChunks) % NT == 0, "tile chunks must split evenly over the threads");
-#pragma unroll
-  for (int i = 0; i < ROWS * kChunks / NT; ++i) {
-    const int c = tid + i * NT;
-    const int r = c / kChunks, ch = c % kChunks;
-    const bool valid = row0 + r < len;
-    const uint16_t* g = src + (valid ? static_cast<int64_t>(row0 + r) * token_stride : 0) + ch * 8;
-    cp_async_16(tile + r * (D + kPad) + ch * 8, g, valid);
-  }
-}
-
-// Zero rows [r0, r1) of head h of a contiguous (rows, H, D) output (row 0 at `base`).
-template <int D, int NT>
-SCA_DEVICE void zero_rows(uint16_t* base, int64_t row_stride, int r0, int r1, int tid) {
-  constexpr int kChunks = D / 8;
-  const U128 zero = {{0u, 0u, 0u, 0u}};
-  for (int c = tid; c < (r1 - r0) * kChunks; c += NT) {
-    const int r = r0 + c / kChunks, ch = c % kChunks;
-    st_global(reinterpret_cast<U128*>(base + r * row_stride + ch * 8), zero);
-  }
-}
 
 // ----------------------------------------------------------------------------- warp-level GEMM pieces
 
@@ -233,16 +145,16 @@ SCA_DEVICE void zero_acc(float (&acc)[N8][4]) {
 }
 
 // Store rows of a 16 x D accumulator (this warp's rows row0 .. row0 + 15 of the block)
-// times `mul` into a contiguous (rows, H, D) output; rows at or beyond `len` get zeros,
-// rows at or beyond `rows` are not this sequence's and are left alone.
+// times `mul` into a contiguous (rows, H, D) output; rows at or beyond `length` get
+// zeros, rows at or beyond `owned` are not this sequence's and are left alone.
 template <int D, class E>
 SCA_DEVICE void store_acc_rows(uint16_t* base, int64_t row_stride, const float (&acc)[D / 8][4], float mul0, float mul1,
-                               int row0, int len, int rows, int lane) {
+                               int row0, int length, int owned, int lane) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = row0 + (lane >> 2) + 8 * r;
-    if (row >= rows) continue;
-    const bool valid = row < len;  // padding rows: explicit zeros, whatever was computed there
+    const int row = row0 + acc_row(r, lane);
+    if (row >= owned) continue;
+    const bool valid = row < length;  // padding rows: explicit zeros, whatever was computed there
     const float mul = r == 0 ? mul0 : mul1;
     uint16_t* dst = base + row * row_stride + 2 * (lane & 3);
 #pragma unroll
@@ -254,39 +166,19 @@ SCA_DEVICE void store_acc_rows(uint16_t* base, int64_t row_stride, const float (
 
 // ----------------------------------------------------------------------------- forward
 
-// K/V tile t of sequence b: the cond segment's tiles first, then the self segment's.
-struct KvTile {
-  const uint16_t *k, *v;  // row 0 of the segment (head h)
-  int64_t k_stride, v_stride;
-  int k0, len;  // first key of the tile within its segment, segment length
-};
-
-SCA_DEVICE KvTile kv_tile(int t, int n_cond_tiles, int bn, const uint16_t* kc, const uint16_t* vc, int64_t kc_st,
-                          int64_t vc_st, int cond_len, const uint16_t* ks, const uint16_t* vs, int64_t ks_st,
-                          int64_t vs_st, int self_len) {
-  if (t < n_cond_tiles) return {kc, vc, kc_st, vc_st, t * bn, cond_len};
-  return {ks, vs, ks_st, vs_st, (t - n_cond_tiles) * bn, self_len};
-}
-
 template <class Cfg, class E>
 SCA_DEVICE void fwd_block(const ScAttnFwdParams& p, char* smem, int64_t block, int tid) {
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, LD = Cfg::LD, NT = Cfg::kThreads;
   const SeqLayout& L = p.seqs;
   const int warp = tid >> 5, lane = tid & 31;
-  const int n_mblocks = cdiv(L.max_q, BM);
-  const int mb = static_cast<int>(block % n_mblocks);
-  const int64_t bh = block / n_mblocks;
-  const int h = static_cast<int>(bh % L.heads), b = static_cast<int>(bh / L.heads);
-
-  const Seq qs = make_seq(L.self_lens, L.cu_q, b, L.max_q, L.total_q);
-  const Seq cs = make_seq(L.cond_lens, L.cu_c, b, L.max_c, L.total_c);
-  const int m0 = mb * BM;
-  if (m0 >= qs.rows) return;  // block-uniform
-  const int64_t out_stride = static_cast<int64_t>(L.heads) * D;
-  uint16_t* out = out_base(p.out, qs, h, L.heads, D);
-  float* lse = p.lse + lse_base(L, b, h, qs);
-  if (m0 >= qs.len) {  // only padding rows (dense form): zeros, lse -inf
-    const int r1 = min_(m0 + BM, qs.rows);
+  const QueryBlock<BM> qb = query_block<BM>(L, block);
+  const int m0 = qb.m0;
+  if (!qb.owns_rows()) return;
+  const int64_t out_stride = out_row_stride(L, D);
+  uint16_t* out = out_base(p.out, qb.q, qb.h, L.heads, D);
+  float* lse = p.lse + lse_base(L, qb.b, qb.h, qb.q);
+  if (qb.padding_only()) {  // zeros, lse -inf
+    const int r1 = qb.owned_end();
     zero_rows<D, NT>(out, out_stride, m0, r1, tid);
     for (int r = m0 + tid; r < r1; r += NT) st_global(lse + r, -kInf);
     return;
@@ -295,22 +187,10 @@ SCA_DEVICE void fwd_block(const ScAttnFwdParams& p, char* smem, int64_t block, i
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sK = sQ + BM * LD;  // [2][BN][LD]
   uint16_t* sV = sK + 2 * BN * LD;
+  const KvStream<BN, D, NT> kv = kv_stream<BN, D, NT>(p, qb, sK, sV);
 
-  const uint16_t* kc = seq_base(p.k_cond, p.kc_st, b, cs, h);
-  const uint16_t* vc = seq_base(p.v_cond, p.vc_st, b, cs, h);
-  const uint16_t* ks = seq_base(p.k_self, p.ks_st, b, qs, h);
-  const uint16_t* vs = seq_base(p.v_self, p.vs_st, b, qs, h);
-  const int n_cond_tiles = cdiv(cs.len, BN);
-  const int n_tiles = n_cond_tiles + cdiv(qs.len, BN);  // >= 1: qs.len > m0 >= 0
-  auto load_kv = [&](int t, int buf) {
-    const KvTile kt = kv_tile(t, n_cond_tiles, BN, kc, vc, p.kc_st.token, p.vc_st.token, cs.len, ks, vs,
-                              p.ks_st.token, p.vs_st.token, qs.len);
-    load_tile<BN, D, NT>(sK + buf * BN * LD, kt.k, kt.k_stride, kt.k0, kt.len, tid);
-    load_tile<BN, D, NT>(sV + buf * BN * LD, kt.v, kt.v_stride, kt.k0, kt.len, tid);
-  };
-
-  load_tile<BM, D, NT>(sQ, seq_base(p.q, p.q_st, b, qs, h), p.q_st.token, m0, qs.len, tid);
-  load_kv(0, 0);
+  load_query_tile<BM, D, NT>(sQ, p.q, p.q_st, qb, tid);
+  kv.load(0, tid);
   cp_async_commit();
 
   const float scale_log2 = p.scale * kLog2e;
@@ -320,31 +200,22 @@ SCA_DEVICE void fwd_block(const ScAttnFwdParams& p, char* smem, int64_t block, i
   float m[2] = {-kInf, -kInf};  // running max of the scaled logits (log2 units), rows g and g + 8
   float l[2] = {0.f, 0.f};      // running sum of exp2(logit - m), this thread's columns only
 
-  for (int t = 0; t < n_tiles; ++t) {
-    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // tile t (and Q) landed
-    block_sync();
+  for (int t = 0; t < kv.count; ++t) {
+    kv.advance(t, tid);  // tile t (and Q) landed
     if (t == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) load_a<LD>(qf[kk], sQ, warp * 16, kk * 16, lane);
     }
-    const uint16_t* cK = sK + (t & 1) * BN * LD;
-    const uint16_t* cV = sV + (t & 1) * BN * LD;
 
     float s[BN / 8][4];
     zero_acc(s);
-    gemm_areg_bnk<D, BN / 8, LD, E>(s, qf, cK, lane);
+    gemm_areg_bnk<D, BN / 8, LD, E>(s, qf, kv.k_tile(t), lane);
 
-    const int k0 = (t < n_cond_tiles ? t : t - n_cond_tiles) * BN;
-    const int klen = t < n_cond_tiles ? cs.len : qs.len;
+    const KeyMask keys = kv.mask(t);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = k0 + j * 8 + 2 * (lane & 3) + (e & 1);
-        s[j][e] = key < klen ? s[j][e] * scale_log2 : -kInf;
-      }
+      for (int e = 0; e < 4; ++e) s[j][e] = keys.valid(j, e, lane) ? s[j][e] * scale_log2 : -kInf;
 
     // Online softmax, one row pair at a time.  A row whose keys so far are all masked
     // keeps m = -inf; m_use = 0 then makes every exp2 exactly 0 instead of NaN.
@@ -374,7 +245,7 @@ SCA_DEVICE void fwd_block(const ScAttnFwdParams& p, char* smem, int64_t block, i
       }
     }
 
-    gemm_aacc_bkn<BN, D / 8, LD, E>(o, s, cV, lane);
+    gemm_aacc_bkn<BN, D / 8, LD, E>(o, s, kv.v_tile(t), lane);
     block_sync();  // everyone is done with buffer t & 1 before it is refilled
   }
 
@@ -385,13 +256,13 @@ SCA_DEVICE void fwd_block(const ScAttnFwdParams& p, char* smem, int64_t block, i
     l[r] += shfl_xor(l[r], 2);
     inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
   }
-  store_acc_rows<D, E>(out, out_stride, o, inv[0], inv[1], m0 + warp * 16, qs.len, qs.rows, lane);
+  store_acc_rows<D, E>(out, out_stride, o, inv[0], inv[1], m0 + warp * 16, qb.q.length, qb.q.owned, lane);
   if ((lane & 3) == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-      if (row < qs.rows)
-        st_global(lse + row, row < qs.len && l[r] > 0.f ? (m[r] + fast_log2(l[r])) * kLn2 : -kInf);
+      const int row = m0 + warp * 16 + acc_row(r, lane);
+      if (row < qb.q.owned)
+        st_global(lse + row, row < qb.q.length && l[r] > 0.f ? (m[r] + fast_log2(l[r])) * kLn2 : -kInf);
     }
   }
 }
@@ -403,45 +274,27 @@ SCA_DEVICE void bwd_dq_block(const ScAttnBwdParams& p, char* smem, int64_t block
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, LD = Cfg::LD, NT = Cfg::kThreads;
   const SeqLayout& L = p.seqs;
   const int warp = tid >> 5, lane = tid & 31;
-  const int n_mblocks = cdiv(L.max_q, BM);
-  const int mb = static_cast<int>(block % n_mblocks);
-  const int64_t bh = block / n_mblocks;
-  const int h = static_cast<int>(bh % L.heads), b = static_cast<int>(bh / L.heads);
-
-  const Seq qs = make_seq(L.self_lens, L.cu_q, b, L.max_q, L.total_q);
-  const Seq cs = make_seq(L.cond_lens, L.cu_c, b, L.max_c, L.total_c);
-  const int m0 = mb * BM;
-  if (m0 >= qs.rows) return;
-  const int64_t row_stride = static_cast<int64_t>(L.heads) * D;
-  uint16_t* dq = out_base(p.dq, qs, h, L.heads, D);
-  if (m0 >= qs.len) {
-    zero_rows<D, NT>(dq, row_stride, m0, min_(m0 + BM, qs.rows), tid);
+  const QueryBlock<BM> qb = query_block<BM>(L, block);
+  const int m0 = qb.m0;
+  if (!qb.owns_rows()) return;
+  const int64_t row_stride = out_row_stride(L, D);
+  uint16_t* dq = out_base(p.dq, qb.q, qb.h, L.heads, D);
+  if (qb.padding_only()) {
+    zero_rows<D, NT>(dq, row_stride, m0, qb.owned_end(), tid);
     return;
   }
-  const int64_t lse_off = lse_base(L, b, h, qs);
+  const int64_t lse_off = lse_base(L, qb.b, qb.h, qb.q);
 
   uint16_t* sQ = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sdO = sQ + BM * LD;
   uint16_t* sK = sdO + BM * LD;  // [2][BN][LD]
   uint16_t* sV = sK + 2 * BN * LD;
   float* sDelta = reinterpret_cast<float*>(sV + 2 * BN * LD);  // [BM]
+  const KvStream<BN, D, NT> kv = kv_stream<BN, D, NT>(p, qb, sK, sV);
 
-  const uint16_t* kc = seq_base(p.k_cond, p.kc_st, b, cs, h);
-  const uint16_t* vc = seq_base(p.v_cond, p.vc_st, b, cs, h);
-  const uint16_t* ks = seq_base(p.k_self, p.ks_st, b, qs, h);
-  const uint16_t* vs = seq_base(p.v_self, p.vs_st, b, qs, h);
-  const int n_cond_tiles = cdiv(cs.len, BN);
-  const int n_tiles = n_cond_tiles + cdiv(qs.len, BN);
-  auto load_kv = [&](int t, int buf) {
-    const KvTile kt = kv_tile(t, n_cond_tiles, BN, kc, vc, p.kc_st.token, p.vc_st.token, cs.len, ks, vs,
-                              p.ks_st.token, p.vs_st.token, qs.len);
-    load_tile<BN, D, NT>(sK + buf * BN * LD, kt.k, kt.k_stride, kt.k0, kt.len, tid);
-    load_tile<BN, D, NT>(sV + buf * BN * LD, kt.v, kt.v_stride, kt.k0, kt.len, tid);
-  };
-
-  load_tile<BM, D, NT>(sQ, seq_base(p.q, p.q_st, b, qs, h), p.q_st.token, m0, qs.len, tid);
-  load_tile<BM, D, NT>(sdO, out_base(p.dout, qs, h, L.heads, D), row_stride, m0, qs.len, tid);
-  load_kv(0, 0);
+  load_query_tile<BM, D, NT>(sQ, p.q, p.q_st, qb, tid);
+  load_tile<BM, D, NT>(sdO, out_base(p.dout, qb.q, qb.h, L.heads, D), row_stride, m0, qb.q.length, tid);
+  kv.load(0, tid);
   cp_async_commit();
 
   const float scale_log2 = p.scale * kLog2e;
@@ -449,11 +302,8 @@ SCA_DEVICE void bwd_dq_block(const ScAttnBwdParams& p, char* smem, int64_t block
   float dqa[D / 8][4];
   zero_acc(dqa);
 
-  for (int t = 0; t < n_tiles; ++t) {
-    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    block_sync();
+  for (int t = 0; t < kv.count; ++t) {
+    kv.advance(t, tid);  // tile t (and Q, dO) landed
     if (t == 0) {
       // delta_i = sum_d dout_i * out_i - dlse_i, TPR threads per row, stored for the
       // dK/dV kernel (which runs next on the same stream) and in shared memory.
@@ -461,8 +311,8 @@ SCA_DEVICE void bwd_dq_block(const ScAttnBwdParams& p, char* smem, int64_t block
       static_assert(NT % BM == 0 && 32 % TPR == 0 && (D / 8) % TPR == 0, "delta split");
       const int r = tid / TPR, part = tid % TPR, row = m0 + r;
       float acc = 0.f;
-      if (row < qs.len) {
-        const uint16_t* o_row = out_base(p.out, qs, h, L.heads, D) + row * row_stride;
+      if (row < qb.q.length) {
+        const uint16_t* o_row = out_base(p.out, qb.q, qb.h, L.heads, D) + row * row_stride;
         for (int c = part; c < D / 8; c += TPR) {
           const U128 ov = ld_global(reinterpret_cast<const U128*>(o_row + c * 8));
           const U128 gv = ld_shared(reinterpret_cast<const U128*>(sdO + r * LD + c * 8));
@@ -477,7 +327,7 @@ SCA_DEVICE void bwd_dq_block(const ScAttnBwdParams& p, char* smem, int64_t block
       for (int off = 1; off < TPR; off <<= 1) acc += shfl_xor(acc, off);
       if (part == 0) {
         float d = 0.f;
-        if (row < qs.len) {
+        if (row < qb.q.length) {
           d = acc - (p.dlse != nullptr ? ld_global(p.dlse + lse_off + row) : 0.f);
           st_global(p.delta + lse_off + row, d);
         }
@@ -486,32 +336,28 @@ SCA_DEVICE void bwd_dq_block(const ScAttnBwdParams& p, char* smem, int64_t block
       block_sync();
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
-        const int local = warp * 16 + (lane >> 2) + 8 * rr;
-        const bool valid = m0 + local < qs.len;
+        const int local = warp * 16 + acc_row(rr, lane);
+        const bool valid = m0 + local < qb.q.length;
         lse2[rr] = valid ? ld_global(p.lse + lse_off + m0 + local) * kLog2e : kInf;
         dlt[rr] = ld_shared(sDelta + local);
       }
     }
-    const uint16_t* cK = sK + (t & 1) * BN * LD;
-    const uint16_t* cV = sV + (t & 1) * BN * LD;
+    const uint16_t* cK = kv.k_tile(t);
 
     // P = exp2(S * scale * log2e - lse * log2e); keys beyond the segment get P = 0.
     float s[BN / 8][4];
     zero_acc(s);
     gemm_asmem_bnk<D, BN / 8, LD, E>(s, sQ, warp * 16, cK, lane);
-    const int k0 = (t < n_cond_tiles ? t : t - n_cond_tiles) * BN;
-    const int klen = t < n_cond_tiles ? cs.len : qs.len;
+    const KeyMask keys = kv.mask(t);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = k0 + j * 8 + 2 * (lane & 3) + (e & 1);
-        s[j][e] = key < klen ? fast_exp2(s[j][e] * scale_log2 - lse2[e >> 1]) : 0.f;
-      }
+      for (int e = 0; e < 4; ++e)
+        s[j][e] = keys.valid(j, e, lane) ? fast_exp2(s[j][e] * scale_log2 - lse2[e >> 1]) : 0.f;
     // dP = dO V^T, then dS = P * (dP - delta), kept in dp.
     float dp[BN / 8][4];
     zero_acc(dp);
-    gemm_asmem_bnk<D, BN / 8, LD, E>(dp, sdO, warp * 16, cV, lane);
+    gemm_asmem_bnk<D, BN / 8, LD, E>(dp, sdO, warp * 16, kv.v_tile(t), lane);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
@@ -520,7 +366,7 @@ SCA_DEVICE void bwd_dq_block(const ScAttnBwdParams& p, char* smem, int64_t block
     gemm_aacc_bkn<BN, D / 8, LD, E>(dqa, dp, cK, lane);
     block_sync();
   }
-  store_acc_rows<D, E>(dq, row_stride, dqa, p.scale, p.scale, m0 + warp * 16, qs.len, qs.rows, lane);
+  store_acc_rows<D, E>(dq, row_stride, dqa, p.scale, p.scale, m0 + warp * 16, qb.q.length, qb.q.owned, lane);
 }
 
 // ----------------------------------------------------------------------------- backward: dK, dV
@@ -530,29 +376,20 @@ SCA_DEVICE void bwd_dkv_block(const ScAttnBwdParams& p, char* smem, int64_t bloc
   constexpr int D = Cfg::D, BM = Cfg::BM, BN = Cfg::BN, LD = Cfg::LD, NT = Cfg::kThreads;
   const SeqLayout& L = p.seqs;
   const int warp = tid >> 5, lane = tid & 31;
-  // Key tiles of the cond segment first, then of the self segment.
-  const int n_cond_blocks = cdiv(L.max_c, BN);
-  const int n_kblocks = n_cond_blocks + cdiv(L.max_q, BN);
-  const int kb = static_cast<int>(block % n_kblocks);
-  const int64_t bh = block / n_kblocks;
-  const int h = static_cast<int>(bh % L.heads), b = static_cast<int>(bh / L.heads);
-
-  const Seq qs = make_seq(L.self_lens, L.cu_q, b, L.max_q, L.total_q);
-  const Seq cs = make_seq(L.cond_lens, L.cu_c, b, L.max_c, L.total_c);
-  const bool cond = kb < n_cond_blocks;
-  const Seq ks = cond ? cs : qs;  // a copy: a reference to either local would put both in local memory
-  const int k0 = (cond ? kb : kb - n_cond_blocks) * BN;
-  if (k0 >= ks.rows) return;
-  const int64_t row_stride = static_cast<int64_t>(L.heads) * D;
-  uint16_t* dk = out_base(cond ? p.dk_cond : p.dk_self, ks, h, L.heads, D);
-  uint16_t* dv = out_base(cond ? p.dv_cond : p.dv_self, ks, h, L.heads, D);
-  if (k0 >= ks.len || qs.len == 0) {  // padding keys, or no query attends: zero gradients
-    const int r1 = min_(k0 + BN, ks.rows);
+  const KeyBlock<BN> kb = key_block<BN>(L, block);
+  const SeqExtent& qs = kb.q;
+  const int k0 = kb.k0;
+  if (!kb.owns_rows()) return;
+  const int64_t row_stride = out_row_stride(L, D);
+  uint16_t* dk = out_base(kb.cond ? p.dk_cond : p.dk_self, kb.k, kb.h, L.heads, D);
+  uint16_t* dv = out_base(kb.cond ? p.dv_cond : p.dv_self, kb.k, kb.h, L.heads, D);
+  if (kb.zero_gradient()) {
+    const int r1 = kb.owned_end();
     zero_rows<D, NT>(dk, row_stride, k0, r1, tid);
     zero_rows<D, NT>(dv, row_stride, k0, r1, tid);
     return;
   }
-  const int64_t lse_off = lse_base(L, b, h, qs);
+  const int64_t lse_off = lse_base(L, kb.b, kb.h, qs);
 
   uint16_t* sK = reinterpret_cast<uint16_t*>(smem);
   uint16_t* sV = sK + BN * LD;
@@ -561,26 +398,25 @@ SCA_DEVICE void bwd_dkv_block(const ScAttnBwdParams& p, char* smem, int64_t bloc
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * LD);  // [2][BM], log2 units, +inf on padding
   float* sDelta = sLse + 2 * BM;                                // [2][BM]
 
-  const uint16_t* q = seq_base(p.q, p.q_st, b, qs, h);
-  const uint16_t* dout = out_base(p.dout, qs, h, L.heads, D);
+  const uint16_t* q = seq_base(p.q, p.q_st, kb.b, qs, kb.h);
+  const uint16_t* dout = out_base(p.dout, qs, kb.h, L.heads, D);
   auto load_q = [&](int t, int buf) {
     const int q0 = t * BM;
-    load_tile<BM, D, NT>(sQ + buf * BM * LD, q, p.q_st.token, q0, qs.len, tid);
-    load_tile<BM, D, NT>(sdO + buf * BM * LD, dout, row_stride, q0, qs.len, tid);
+    load_tile<BM, D, NT>(sQ + buf * BM * LD, q, p.q_st.token, q0, qs.length, tid);
+    load_tile<BM, D, NT>(sdO + buf * BM * LD, dout, row_stride, q0, qs.length, tid);
     for (int i = tid; i < BM; i += NT) {
-      const bool valid = q0 + i < qs.len;
+      const bool valid = q0 + i < qs.length;
       st_shared(sLse + buf * BM + i, valid ? ld_global(p.lse + lse_off + q0 + i) * kLog2e : kInf);
       st_shared(sDelta + buf * BM + i, valid ? ld_global(p.delta + lse_off + q0 + i) : 0.f);
     }
   };
 
-  if (cond) {
-    load_tile<BN, D, NT>(sK, seq_base(p.k_cond, p.kc_st, b, cs, h), p.kc_st.token, k0, cs.len, tid);
-    load_tile<BN, D, NT>(sV, seq_base(p.v_cond, p.vc_st, b, cs, h), p.vc_st.token, k0, cs.len, tid);
-  } else {
-    load_tile<BN, D, NT>(sK, seq_base(p.k_self, p.ks_st, b, qs, h), p.ks_st.token, k0, qs.len, tid);
-    load_tile<BN, D, NT>(sV, seq_base(p.v_self, p.vs_st, b, qs, h), p.vs_st.token, k0, qs.len, tid);
-  }
+  // One load per segment, in two branches: a single load from a selected KvSegment changes
+  // the register allocation (nvcc 13.0: -17 to +3 registers), which no GPU has timed.
+  if (kb.cond)
+    load_kv_tile<BN, D, NT>(sK, sV, cond_kv(p, kb.b, kb.k, kb.h), k0, tid);
+  else
+    load_kv_tile<BN, D, NT>(sK, sV, self_kv(p, kb.b, kb.k, kb.h), k0, tid);
   load_q(0, 0);
   cp_async_commit();
 
@@ -588,7 +424,7 @@ SCA_DEVICE void bwd_dkv_block(const ScAttnBwdParams& p, char* smem, int64_t bloc
   float dka[D / 8][4], dva[D / 8][4];
   zero_acc(dka);
   zero_acc(dva);
-  const int n_qtiles = cdiv(qs.len, BM);  // >= 1
+  const int n_qtiles = cdiv(qs.length, BM);  // >= 1
   for (int t = 0; t < n_qtiles; ++t) {
     if (t + 1 < n_qtiles) load_q(t + 1, (t + 1) & 1);
     cp_async_commit();
@@ -607,7 +443,7 @@ SCA_DEVICE void bwd_dkv_block(const ScAttnBwdParams& p, char* smem, int64_t bloc
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        pt[j][e] = fast_exp2(pt[j][e] * scale_log2 - ld_shared(cLse + j * 8 + 2 * (lane & 3) + (e & 1)));
+        pt[j][e] = fast_exp2(pt[j][e] * scale_log2 - ld_shared(cLse + acc_col(j, e, lane)));
     // dV += P^T dO
     gemm_aacc_bkn<BM, D / 8, LD, E>(dva, pt, cdO, lane);
     // dS^T = P^T * (V dO^T - delta[query]), kept in dpt
@@ -618,13 +454,13 @@ SCA_DEVICE void bwd_dkv_block(const ScAttnBwdParams& p, char* smem, int64_t bloc
     for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        dpt[j][e] = pt[j][e] * (dpt[j][e] - ld_shared(cDelta + j * 8 + 2 * (lane & 3) + (e & 1)));
+        dpt[j][e] = pt[j][e] * (dpt[j][e] - ld_shared(cDelta + acc_col(j, e, lane)));
     // dK += dS^T Q
     gemm_aacc_bkn<BM, D / 8, LD, E>(dka, dpt, cQ, lane);
     block_sync();
   }
-  store_acc_rows<D, E>(dk, row_stride, dka, p.scale, p.scale, k0 + warp * 16, ks.len, ks.rows, lane);
-  store_acc_rows<D, E>(dv, row_stride, dva, 1.f, 1.f, k0 + warp * 16, ks.len, ks.rows, lane);
+  store_acc_rows<D, E>(dk, row_stride, dka, p.scale, p.scale, k0 + warp * 16, kb.k.length, kb.k.owned, lane);
+  store_acc_rows<D, E>(dv, row_stride, dva, 1.f, 1.f, k0 + warp * 16, kb.k.length, kb.k.owned, lane);
 }
 
 // ----------------------------------------------------------------------------- rows no sequence owns

@@ -51,11 +51,11 @@ def _decode_pid(n_blocks, H):
 
 
 @triton.jit
-def _sequence(b, CU, LENS, seqlen, total, VARLEN: tl.constexpr, HAS_LENS: tl.constexpr):
-    """(start, length, rows) of batch row / sequence b in one segment.
+def _seq_extent(b, CU, LENS, seqlen, total, VARLEN: tl.constexpr, HAS_LENS: tl.constexpr):
+    """(start, length, owned) of batch row / sequence b in one segment.
 
     start: first packed row (varlen; 0 dense).  length: valid rows, clamped so that
-    no bad value can address outside the tensor.  rows: rows this sequence owns in
+    no bad value can address outside the tensor.  owned: rows this sequence owns in
     the outputs (dense: all N, padding included, which get zeros; varlen: length).
     """
     if VARLEN:
@@ -63,15 +63,34 @@ def _sequence(b, CU, LENS, seqlen, total, VARLEN: tl.constexpr, HAS_LENS: tl.con
         end = tl.load(CU + b + 1)
         start = tl.minimum(tl.maximum(start, 0), total)
         length = tl.minimum(tl.maximum(end - start, 0), tl.minimum(seqlen, total - start))
-        rows = length
+        owned = length
     else:
         start = 0
         if HAS_LENS:
             length = tl.minimum(tl.maximum(tl.load(LENS + b), 0), seqlen)
         else:
             length = seqlen
-        rows = seqlen
-    return start, length, rows
+        owned = seqlen
+    return start, length, owned
+
+
+@triton.jit
+def _query_block(H, seqlen_q, seqlen_c, total_q, total_c, SELF_LENS, COND_LENS, CU_Q, CU_C,
+                 BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, HAS_SELF_LENS: tl.constexpr,
+                 HAS_COND_LENS: tl.constexpr):
+    """Coordinates of a query-stationary program (forward, dQ): BLOCK_M queries from
+    start_m of batch row b, head h.
+
+    Returns b, h, start_m, the query extent (q_start, q_len, q_owned), the cond start,
+    and how many keys of each segment the block attends to: none for a block of padding
+    rows only (dense form), which then just writes its zeros.
+    """
+    pid_m, h, b = _decode_pid(tl.cdiv(seqlen_q, BLOCK_M), H)
+    q_start, q_len, q_owned = _seq_extent(b, CU_Q, SELF_LENS, seqlen_q, total_q, VARLEN, HAS_SELF_LENS)
+    c_start, c_len, _c_owned = _seq_extent(b, CU_C, COND_LENS, seqlen_c, total_c, VARLEN, HAS_COND_LENS)
+    start_m = pid_m * BLOCK_M
+    active = start_m < q_len
+    return b, h, start_m, q_start, q_len, q_owned, c_start, tl.where(active, c_len, 0), tl.where(active, q_len, 0)
 
 
 @triton.jit
@@ -114,12 +133,46 @@ def _store_rows(ptr, first, stride_m, offs_r, offs_d, value, n_rows):
     tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=(first + offs_r < n_rows)[:, None])
 
 
+# ----------------------------------------------------------------------------- key loop of a query block
+
+
+@triton.jit
+def _key_segment(state, operands, K, V, b, start, h, stride_kb, stride_km, stride_kh, stride_vb, stride_vm, stride_vh,
+                 n_keys, STEP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Stream the first n_keys rows of one key segment (K, V: row `start` of batch row b,
+    head h) through STEP, BLOCK_N keys at a time; the forward and dQ programs call it
+    for the cond segment, then for the self segment.
+
+    state = STEP(state, operands, k, v, key_valid, MASKED, DOT_PRECISION): state is what
+    the program accumulates over the keys, operands the query block's inputs that STEP
+    reads.  Only the partial last block is masked (key_valid; None when MASKED is off).
+    """
+    K = _row_ptr(K, b, start, h, stride_kb, stride_km, stride_kh, VARLEN)
+    V = _row_ptr(V, b, start, h, stride_vb, stride_vm, stride_vh, VARLEN)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_full = (n_keys // BLOCK_N) * BLOCK_N
+    for first in range(0, n_full, BLOCK_N):
+        k = _load_rows(K, first, stride_km, offs_n, offs_d, n_keys, False)
+        v = _load_rows(V, first, stride_vm, offs_n, offs_d, n_keys, False)
+        state = STEP(state, operands, k, v, None, False, DOT_PRECISION)
+    if n_full < n_keys:
+        k = _load_rows(K, n_full, stride_km, offs_n, offs_d, n_keys, True)
+        v = _load_rows(V, n_full, stride_vm, offs_n, offs_d, n_keys, True)
+        state = STEP(state, operands, k, v, n_full + offs_n < n_keys, True, DOT_PRECISION)
+    return state
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k, v, qk_scale, key_valid, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over a block of keys (log2 domain)."""
+def _fwd_step(state, operands, k, v, key_valid, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a block of keys (log2 domain); state = (acc, l_i, m_i),
+    operands = (q, qk_scale)."""
+    acc, l_i, m_i = state
+    q, qk_scale = operands
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(key_valid[None, :], s, float("-inf"))
@@ -130,24 +183,6 @@ def _fwd_block(acc, l_i, m_i, q, k, v, qk_scale, key_valid, MASKED: tl.constexpr
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
-
-
-@triton.jit
-def _fwd_segment(acc, l_i, m_i, q, K, V, stride_km, stride_vm, n_keys, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Attend q to the first n_keys rows of one segment (K, V point at its row 0, head h)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        k = _load_rows(K, start, stride_km, offs_n, offs_d, n_keys, False)
-        v = _load_rows(V, start, stride_vm, offs_n, offs_d, n_keys, False)
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k, v, qk_scale, None, False, DOT_PRECISION)
-    if n_full < n_keys:  # the partial last block, the only one with masks
-        k = _load_rows(K, n_full, stride_km, offs_n, offs_d, n_keys, True)
-        v = _load_rows(V, n_full, stride_vm, offs_n, offs_d, n_keys, True)
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k, v, qk_scale, n_full + offs_n < n_keys, True, DOT_PRECISION)
-    return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -168,15 +203,9 @@ def sc_attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """out, lse of BLOCK_M queries of one (row, head): cond keys, then self keys, one softmax."""
-    pid_m, h, b = _decode_pid(tl.cdiv(seqlen_q, BLOCK_M), H)
-    q_start, q_len, q_rows = _sequence(b, CU_Q, SELF_LENS, seqlen_q, total_q, VARLEN, HAS_SELF_LENS)
-    c_start, c_len, _c_rows = _sequence(b, CU_C, COND_LENS, seqlen_c, total_c, VARLEN, HAS_COND_LENS)
-    start_m = pid_m * BLOCK_M
-    # A block of padding rows only (dense form) attends to nothing: it writes 0 / -inf.
-    active = start_m < q_len
-    n_cond = tl.where(active, c_len, 0)
-    n_self = tl.where(active, q_len, 0)
-
+    b, h, start_m, q_start, q_len, q_owned, c_start, n_cond, n_self = _query_block(
+        H, seqlen_q, seqlen_c, total_q, total_c, SELF_LENS, COND_LENS, CU_Q, CU_C,
+        BLOCK_M, VARLEN, HAS_SELF_LENS, HAS_COND_LENS)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptr = _row_ptr(Q, b, q_start, h, stride_qb, stride_qm, stride_qh, VARLEN)
@@ -185,27 +214,22 @@ def sc_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_segment(
-        acc, l_i, m_i, q,
-        _row_ptr(KC, b, c_start, h, stride_kcb, stride_kcm, stride_kch, VARLEN),
-        _row_ptr(VC, b, c_start, h, stride_vcb, stride_vcm, stride_vch, VARLEN),
-        stride_kcm, stride_vcm, n_cond, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-    )
-    acc, l_i, m_i = _fwd_segment(
-        acc, l_i, m_i, q,
-        _row_ptr(KS, b, q_start, h, stride_ksb, stride_ksm, stride_ksh, VARLEN),
-        _row_ptr(VS, b, q_start, h, stride_vsb, stride_vsm, stride_vsh, VARLEN),
-        stride_ksm, stride_vsm, n_self, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-    )
+    state = (acc, l_i, m_i)
+    operands = (q, qk_scale)
+    state = _key_segment(state, operands, KC, VC, b, c_start, h, stride_kcb, stride_kcm, stride_kch,
+                         stride_vcb, stride_vcm, stride_vch, n_cond, _fwd_step, HEAD_DIM, BLOCK_N, VARLEN, DOT_PRECISION)
+    state = _key_segment(state, operands, KS, VS, b, q_start, h, stride_ksb, stride_ksm, stride_ksh,
+                         stride_vsb, stride_vsm, stride_vsh, n_self, _fwd_step, HEAD_DIM, BLOCK_N, VARLEN, DOT_PRECISION)
+    acc, l_i, m_i = state
 
     valid = start_m + offs_m < q_len
     l_safe = tl.where(valid, l_i, 1.0)
     out = tl.where(valid[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(valid, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     _store_rows(_row_ptr(OUT, b, q_start, h, stride_ob, stride_om, stride_oh, VARLEN), start_m, stride_om,
-                offs_m, offs_d, out, q_rows)
+                offs_m, offs_d, out, q_owned)
     lse_ptr = LSE + _lse_offset(b, q_start, h, stride_lb, stride_lh, VARLEN) + start_m
-    tl.store(lse_ptr + offs_m, lse, mask=start_m + offs_m < q_rows)
+    tl.store(lse_ptr + offs_m, lse, mask=start_m + offs_m < q_owned)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -227,7 +251,7 @@ def sc_attn_bwd_preprocess_kernel(
     With it the softmax backward is dS = P * (dP - delta) for both segments.
     """
     pid_m, h, b = _decode_pid(tl.cdiv(seqlen_q, BLOCK_M), H)
-    q_start, q_len, q_rows = _sequence(b, CU_Q, SELF_LENS, seqlen_q, total_q, VARLEN, HAS_SELF_LENS)
+    q_start, q_len, q_owned = _seq_extent(b, CU_Q, SELF_LENS, seqlen_q, total_q, VARLEN, HAS_SELF_LENS)
     start_m = pid_m * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -241,7 +265,7 @@ def sc_attn_bwd_preprocess_kernel(
     if HAS_DLSE:
         delta -= tl.load(DLSE + row0 + offs_m, mask=valid, other=0.0)
     delta = tl.where(valid, delta, 0.0)
-    tl.store(DELTA + row0 + offs_m, delta, mask=start_m + offs_m < q_rows)
+    tl.store(DELTA + row0 + offs_m, delta, mask=start_m + offs_m < q_owned)
 
 
 @triton.jit
@@ -260,7 +284,7 @@ def _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, query_valid,
 
 @triton.jit
 def _dkdv_block(
-    K, V, DK, DV, stride_km, stride_vm, stride_dkm, stride_dvm, start_n, n_keys, n_key_rows,
+    K, V, DK, DV, stride_km, stride_vm, stride_dkm, stride_dvm, start_n, n_keys, n_keys_owned,
     Q, DO, LSE, DELTA, stride_qm, stride_dom, n_queries,
     qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -293,8 +317,8 @@ def _dkdv_block(
         delta = tl.load(DELTA + n_full + offs_m, mask=query_valid, other=0.0)
         dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse2, delta, qk_scale, query_valid, True, DOT_PRECISION)
     key_valid = (start_n + offs_n < n_keys)[:, None]
-    _store_rows(DK, start_n, stride_dkm, offs_n, offs_d, tl.where(key_valid, dk * sm_scale, 0.0), n_key_rows)
-    _store_rows(DV, start_n, stride_dvm, offs_n, offs_d, tl.where(key_valid, dv, 0.0), n_key_rows)
+    _store_rows(DK, start_n, stride_dkm, offs_n, offs_d, tl.where(key_valid, dk * sm_scale, 0.0), n_keys_owned)
+    _store_rows(DV, start_n, stride_dvm, offs_n, offs_d, tl.where(key_valid, dv, 0.0), n_keys_owned)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -321,8 +345,8 @@ def sc_attn_bwd_dkdv_kernel(
     """dK, dV of one block of BLOCK_N keys: the cond segment's blocks come first, then the self segment's."""
     n_cond_blocks = tl.cdiv(seqlen_c, BLOCK_N)
     pid_n, h, b = _decode_pid(n_cond_blocks + tl.cdiv(seqlen_q, BLOCK_N), H)
-    q_start, q_len, q_rows = _sequence(b, CU_Q, SELF_LENS, seqlen_q, total_q, VARLEN, HAS_SELF_LENS)
-    c_start, c_len, c_rows = _sequence(b, CU_C, COND_LENS, seqlen_c, total_c, VARLEN, HAS_COND_LENS)
+    q_start, q_len, q_owned = _seq_extent(b, CU_Q, SELF_LENS, seqlen_q, total_q, VARLEN, HAS_SELF_LENS)
+    c_start, c_len, c_owned = _seq_extent(b, CU_C, COND_LENS, seqlen_c, total_c, VARLEN, HAS_COND_LENS)
     q_ptr = _row_ptr(Q, b, q_start, h, stride_qb, stride_qm, stride_qh, VARLEN)
     do_ptr = _row_ptr(DOUT, b, q_start, h, stride_dob, stride_dom, stride_doh, VARLEN)
     lse_off = _lse_offset(b, q_start, h, stride_lb, stride_lh, VARLEN)
@@ -336,7 +360,7 @@ def sc_attn_bwd_dkdv_kernel(
             _row_ptr(VC, b, c_start, h, stride_vcb, stride_vcm, stride_vch, VARLEN),
             _row_ptr(DKC, b, c_start, h, stride_dkcb, stride_dkcm, stride_dkch, VARLEN),
             _row_ptr(DVC, b, c_start, h, stride_dvcb, stride_dvcm, stride_dvch, VARLEN),
-            stride_kcm, stride_vcm, stride_dkcm, stride_dvcm, pid_n * BLOCK_N, c_len, c_rows,
+            stride_kcm, stride_vcm, stride_dkcm, stride_dvcm, pid_n * BLOCK_N, c_len, c_owned,
             q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qm, stride_dom, q_len,
             qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
@@ -346,37 +370,22 @@ def sc_attn_bwd_dkdv_kernel(
             _row_ptr(VS, b, q_start, h, stride_vsb, stride_vsm, stride_vsh, VARLEN),
             _row_ptr(DKS, b, q_start, h, stride_dksb, stride_dksm, stride_dksh, VARLEN),
             _row_ptr(DVS, b, q_start, h, stride_dvsb, stride_dvsm, stride_dvsh, VARLEN),
-            stride_ksm, stride_vsm, stride_dksm, stride_dvsm, (pid_n - n_cond_blocks) * BLOCK_N, q_len, q_rows,
+            stride_ksm, stride_vsm, stride_dksm, stride_dvsm, (pid_n - n_cond_blocks) * BLOCK_N, q_len, q_owned,
             q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qm, stride_dom, q_len,
             qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, DOT_PRECISION,
         )
 
 
 @triton.jit
-def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, key_valid, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_step(dq, operands, k, v, key_valid, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ of the query block over one block of keys; operands = (q, do, lse2, delta, qk_scale)."""
+    q, do, lse2, delta, qk_scale = operands
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(key_valid[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _dq_segment(dq, q, do, lse2, delta, K, V, stride_km, stride_vm, n_keys, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    n_full = (n_keys // BLOCK_N) * BLOCK_N
-    for start in range(0, n_full, BLOCK_N):
-        k = _load_rows(K, start, stride_km, offs_n, offs_d, n_keys, False)
-        v = _load_rows(V, start, stride_vm, offs_n, offs_d, n_keys, False)
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, None, False, DOT_PRECISION)
-    if n_full < n_keys:
-        k = _load_rows(K, n_full, stride_km, offs_n, offs_d, n_keys, True)
-        v = _load_rows(V, n_full, stride_vm, offs_n, offs_d, n_keys, True)
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, n_full + offs_n < n_keys, True, DOT_PRECISION)
-    return dq
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -398,14 +407,9 @@ def sc_attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """dQ of BLOCK_M queries of one (row, head): cond keys, then self keys."""
-    pid_m, h, b = _decode_pid(tl.cdiv(seqlen_q, BLOCK_M), H)
-    q_start, q_len, q_rows = _sequence(b, CU_Q, SELF_LENS, seqlen_q, total_q, VARLEN, HAS_SELF_LENS)
-    c_start, c_len, _c_rows = _sequence(b, CU_C, COND_LENS, seqlen_c, total_c, VARLEN, HAS_COND_LENS)
-    start_m = pid_m * BLOCK_M
-    active = start_m < q_len
-    n_cond = tl.where(active, c_len, 0)
-    n_self = tl.where(active, q_len, 0)
-
+    b, h, start_m, q_start, q_len, q_owned, c_start, n_cond, n_self = _query_block(
+        H, seqlen_q, seqlen_c, total_q, total_c, SELF_LENS, COND_LENS, CU_Q, CU_C,
+        BLOCK_M, VARLEN, HAS_SELF_LENS, HAS_COND_LENS)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = start_m + offs_m < q_len
@@ -420,21 +424,14 @@ def sc_attn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + offs_m, mask=valid, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_segment(
-        dq, q, do, lse2, delta,
-        _row_ptr(KC, b, c_start, h, stride_kcb, stride_kcm, stride_kch, VARLEN),
-        _row_ptr(VC, b, c_start, h, stride_vcb, stride_vcm, stride_vch, VARLEN),
-        stride_kcm, stride_vcm, n_cond, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-    )
-    dq = _dq_segment(
-        dq, q, do, lse2, delta,
-        _row_ptr(KS, b, q_start, h, stride_ksb, stride_ksm, stride_ksh, VARLEN),
-        _row_ptr(VS, b, q_start, h, stride_vsb, stride_vsm, stride_vsh, VARLEN),
-        stride_ksm, stride_vsm, n_self, qk_scale, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-    )
+    operands = (q, do, lse2, delta, qk_scale)
+    dq = _key_segment(dq, operands, KC, VC, b, c_start, h, stride_kcb, stride_kcm, stride_kch,
+                      stride_vcb, stride_vcm, stride_vch, n_cond, _dq_step, HEAD_DIM, BLOCK_N, VARLEN, DOT_PRECISION)
+    dq = _key_segment(dq, operands, KS, VS, b, q_start, h, stride_ksb, stride_ksm, stride_ksh,
+                      stride_vsb, stride_vsm, stride_vsh, n_self, _dq_step, HEAD_DIM, BLOCK_N, VARLEN, DOT_PRECISION)
     dq = tl.where(valid[:, None], dq * sm_scale, 0.0)
     _store_rows(_row_ptr(DQ, b, q_start, h, stride_dqb, stride_dqm, stride_dqh, VARLEN), start_m, stride_dqm,
-                offs_m, offs_d, dq, q_rows)
+                offs_m, offs_d, dq, q_owned)
 
 
 # ----------------------------------------------------------------------------- rows no sequence owns
