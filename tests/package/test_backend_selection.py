@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from enat_kernels import _dispatch
+from enat_kernels import _dispatch, _extension
 from enat_kernels import triton as ek_triton
 
 SC_MODULE = "enat_kernels.triton.sc_attention"
@@ -124,6 +124,8 @@ def _pretend_cuda(monkeypatch, capabilities: dict, current: int = 0):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     monkeypatch.setattr(_dispatch, "_op_error", lambda name, op, dt: None)  # every kernel "built"
+    # ...with a kernel image for each device (the real probe would start the CUDA runtime).
+    monkeypatch.setattr(_extension, "cuda_device_error", lambda index: None)
 
 
 @pytest.mark.parametrize("current", [0, 1])
