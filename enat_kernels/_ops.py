@@ -42,39 +42,12 @@ def sc_attn_fwd_fake(
 
 
 def sc_attn_bwd_fake(
-    dout,
-    dlse,
-    q,
-    k_cond,
-    v_cond,
-    k_self,
-    v_self,
-    out,
-    lse,
-    cond_lens,
-    self_lens,
-    cu_seqlens_q,
-    cu_seqlens_cond,
-    max_seqlen_q,
-    max_seqlen_cond,
-    scale,
+    dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse,
+    cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond, scale,
 ):
     _op_checks.sc_attention_backward_inputs(
-        dout,
-        dlse,
-        q,
-        k_cond,
-        v_cond,
-        k_self,
-        v_self,
-        out,
-        lse,
-        cond_lens,
-        self_lens,
-        cu_seqlens_q,
-        cu_seqlens_cond,
-        max_seqlen_q,
-        max_seqlen_cond,
+        dout, dlse, q, k_cond, v_cond, k_self, v_self, out, lse,
+        cond_lens, self_lens, cu_seqlens_q, cu_seqlens_cond, max_seqlen_q, max_seqlen_cond,
     )
     return tuple(t.new_empty(t.shape) for t in (q, k_cond, v_cond, k_self, v_self))
 
