@@ -60,7 +60,7 @@ import torch
 
 # The one list of Triton SC-Attention variants: the tables, the error text below and the
 # triton backend's capabilities (enat_kernels/_variants.py) all follow it.  A new
-# head_dim needs its tile entries in _TILES_16BIT (import fails until it has them).
+# head_dim (a power of two) needs its tile entries in _TILES_16BIT (import fails until it has them).
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FAMILIES = ("hopper", "ampere")
@@ -124,6 +124,10 @@ _DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: 
 
 def _tables() -> tuple[dict, dict]:
     """(family, head_dim, dtype) -> forward / backward tiles, for exactly the listed variants."""
+    odd = [d for d in HEAD_DIMS if d < 1 or d & (d - 1)]
+    if odd:  # the kernels' tl.arange(0, HEAD_DIM) takes powers of two only
+        raise RuntimeError(f"sc_attention_config.HEAD_DIMS: {odd} not a power of two; the Triton kernels "
+                           "index the head dimension with tl.arange(0, HEAD_DIM), which needs one")
     listed = {"_TILES_16BIT": (_TILES_16BIT, set(product(FAMILIES, HEAD_DIMS))),
               "_TILES_BY_DTYPE": (_TILES_BY_DTYPE, set(DTYPES)), "_DOT_PRECISION": (_DOT_PRECISION, set(DTYPES))}
     for name, (table, keys) in listed.items():

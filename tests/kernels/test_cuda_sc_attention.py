@@ -205,10 +205,10 @@ def test_emulated_dense_without_dlse(emulator, tmp_path, case, gen):
     _check_all(got, lambda *x: sc_attention_ref(*x, cl, sl), inputs, dout, None, dtype)
 
 
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("case", list(VARLEN_CASES), ids=str)
 def test_emulated_varlen(emulator, tmp_path, case, head_dim, gen):
-    dtype = torch.bfloat16 if head_dim == 64 else torch.float16
+    dtype = LOWP[HEAD_DIMS.index(head_dim) % len(LOWP)]  # the listed dtypes in turn
     q_lens, c_lens = VARLEN_CASES[case]
     q, kc, vc, ks, vs, cu_q, cu_c, mq, mc = make_varlen_inputs(q_lens, c_lens, 2, head_dim, dtype, "cpu", gen)
     dout = torch.randn(q.shape, generator=gen).to(dtype)
@@ -296,10 +296,16 @@ def test_build_info_records_the_header_variant_list(emulator):
     assert (caps.head_dims, caps.dtypes) == (head_dims, torch_dtypes)
 
 
+def _and_list(items) -> str:
+    """"a, b and c", as the C++ error text writes the list (sc_attn_join)."""
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 @pytest.mark.parametrize("dtype, head_dim, message", [
-    ("float32", 64, "unsupported dtype float32 (supported: float16 and bfloat16)"),
+    ("float32", 64, f"unsupported dtype float32 (supported: {_and_list(_DTYPE_NAMES)})"),
     ("f16", 64, "unsupported dtype f16"),
-    ("float16", 48, "unsupported head_dim 48 (supported: 32, 64 and 128)"),
+    ("float16", 48, f"unsupported head_dim 48 (supported: {_and_list(HEAD_DIMS)})"),
     ("bfloat16", 0, "unsupported head_dim 0"),
 ])
 def test_emulator_refuses_unlisted_variants(emulator, tmp_path, dtype, head_dim, message):

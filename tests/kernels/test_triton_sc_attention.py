@@ -127,10 +127,24 @@ def test_config_tables_cover_exactly_the_variant_list():
     assert _variants.TRITON_SC_ATTENTION == _variants.Variants(config.HEAD_DIMS, config.DTYPES)
     caps = _dispatch.ATTENTION_CAPS["triton"]
     assert (caps.head_dims, caps.dtypes) == (config.HEAD_DIMS, config.DTYPES)
-    with pytest.raises(ValueError, match=r"head_dim in \(16, 32, 64, 128\) and float16, bfloat16, float32"):
+    listed = f"head_dim in ({config._names(config.HEAD_DIMS)}) and {config._names(config.DTYPES)}"
+    with pytest.raises(ValueError, match=re.escape(listed)):
         config.backward_config(torch.device("cpu"), 64, torch.float64)
     for arch, dtype, head_dim in CODEGEN_CASES:  # the compiled checks pick from the list
         assert head_dim in config.HEAD_DIMS and getattr(torch, dtype) in config.DTYPES
+
+
+def test_config_refuses_a_head_dim_the_kernels_cannot_index(monkeypatch):
+    """A listed head_dim must be a power of two (tl.arange(0, HEAD_DIM)): the tables refuse
+    96 with that reason at import, not with the interpreter's or compiler's error at launch."""
+    monkeypatch.setattr(config, "HEAD_DIMS", config.HEAD_DIMS + (96,))
+    tiles = {**config._TILES_16BIT, **{(f, 96): config._TILES_16BIT[f, 128] for f in config.FAMILIES}}
+    monkeypatch.setattr(config, "_TILES_16BIT", tiles)
+    with pytest.raises(RuntimeError, match=r"HEAD_DIMS: \[96\] not a power of two"):
+        config._tables()
+    monkeypatch.setattr(config, "HEAD_DIMS", config.HEAD_DIMS[:-1] + (256,))
+    with pytest.raises(RuntimeError, match=r"_TILES_16BIT: entries missing for .*256"):
+        config._tables()
 
 
 def test_config_table_covers_capabilities():
@@ -222,8 +236,11 @@ def codegen_report(arch: int, dtype_name: str, head_dim: int) -> list:
 CODEGEN_CASES = [(90, "bfloat16", 64), (80, "bfloat16", 64), (90, "float16", 128), (80, "bfloat16", 128)]
 
 
+_SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
 @pytest.mark.parametrize("arch, dtype, head_dim", CODEGEN_CASES,
-                         ids=["sm90-bf16-d64", "sm80-bf16-d64", "sm90-fp16-d128", "sm80-bf16-d128"])
+                         ids=[f"sm{a}-{_SHORT_DTYPE.get(t, t)}-d{d}" for a, t, d in CODEGEN_CASES])
 def test_gpu_code_generation(arch, dtype, head_dim):
     """Every kernel compiles for the GPU (ahead of time, no GPU needed) with its table entry:
     no register spills, shared memory within the family's limit, wgmma on Hopper.  The

@@ -118,6 +118,8 @@ inline at::vec::Vectorized<acc_t> load_vec(const scalar_t* src) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       at::vec::load_fp32_from_bf16(src, v);
     } else {
+      // A new element type needs its own conversion here, not the fp16 one.
+      static_assert(std::is_same_v<scalar_t, c10::Half>, "load_vec: no conversion for this element type");
       at::vec::load_fp32_from_fp16(src, v);
     }
     return v;
