@@ -36,8 +36,6 @@ if os.environ.get("ENAT_KERNELS_LOG_BACKEND", "0").lower() in ("1", "true", "yes
         _h.setFormatter(logging.Formatter("enat_kernels: %(message)s"))
         log.addHandler(_h)
 
-BACKENDS = ("triton", "cuda", "cpu", "torch")
-
 # What each fused backend computes for SC-Attention.  head_dims None: any size up to
 # max_head_dim.  Kept here, next to selection, so one table answers "will it run?".
 @dataclass(frozen=True)
@@ -46,13 +44,6 @@ class AttentionCaps:
     head_dims: tuple | None
     max_head_dim: int = 256
 
-
-ATTENTION_CAPS = {
-    "triton": AttentionCaps(_variants.TRITON_SC_ATTENTION.dtypes, _variants.TRITON_SC_ATTENTION.head_dims),
-    "cuda": AttentionCaps(_variants.CUDA_SC_ATTENTION.dtypes, _variants.CUDA_SC_ATTENTION.head_dims),  # sm_80+
-    "cpu": AttentionCaps((torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
-    "torch": AttentionCaps((torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 1 << 30),
-}
 
 # The op families the public functions belong to, and the generic ops (the schemas of
 # csrc/schema.cpp) a backend must implement to run a family.
@@ -150,7 +141,7 @@ BACKEND = {
         runtime_error=_triton_runtime_error,
         op_error=lambda name, op: _triton_op_error(op),
         op_prefix="triton_",
-        attention=ATTENTION_CAPS["triton"],
+        attention=AttentionCaps(_variants.TRITON_SC_ATTENTION.dtypes, _variants.TRITON_SC_ATTENTION.head_dims),
         refused_dtypes={"cpu": {torch.bfloat16: "the Triton interpreter (CPU) does not support bfloat16"}},
     ),
     "cuda": Backend(
@@ -160,7 +151,7 @@ BACKEND = {
         runtime_error=_cuda_runtime_error,
         op_error=_compiled_op_error("CUDA"),
         op_prefix="",
-        attention=ATTENTION_CAPS["cuda"],
+        attention=AttentionCaps(_variants.CUDA_SC_ATTENTION.dtypes, _variants.CUDA_SC_ATTENTION.head_dims),
         # mma.sync m16n8k16 and cp.async: the adapter would raise, selection says so up front
         min_capability=(8, 0),
     ),
@@ -171,7 +162,7 @@ BACKEND = {
         runtime_error=_cpu_runtime_error,
         op_error=_compiled_op_error("CPU"),
         op_prefix="",
-        attention=ATTENTION_CAPS["cpu"],
+        attention=AttentionCaps((torch.float32, torch.float64, torch.bfloat16, torch.float16), None),
     ),
     "torch": Backend(
         name="torch",
@@ -180,10 +171,13 @@ BACKEND = {
         runtime_error=lambda device: None,
         op_error=lambda name, op: None,
         op_prefix=None,
-        attention=ATTENTION_CAPS["torch"],
+        attention=AttentionCaps((torch.float16, torch.bfloat16, torch.float32, torch.float64), None, 1 << 30),
     ),
 }
-assert tuple(BACKEND) == BACKENDS
+assert all(row.name == name for name, row in BACKEND.items())
+# Read from the table: the backend names in its order, and each one's SC-Attention caps.
+BACKENDS = tuple(BACKEND)
+ATTENTION_CAPS = {name: row.attention for name, row in BACKEND.items()}
 
 # The order `auto` tries the fused backends, per (device type, op family); the torch
 # reference follows them all.  A device type not listed has no fused backend.
