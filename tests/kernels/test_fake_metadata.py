@@ -236,3 +236,25 @@ def test_the_table_covers_every_op():
     assert {c[1] for c in CASES} == {"sc_attn_fwd", "sc_attn_bwd", "mask_to_indices", "gather_rows", "scatter_rows"}
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids))
+
+
+def test_packed_fake_traces_max_seqlen_read_from_cu_seqlens():
+    # A compiled varlen step computes max_seqlen from cu_seqlens (`.item()`): the fake
+    # must check it without taking the truth of a data-dependent value.
+    def step(q, k, cu_q, cu_c):
+        max_q = (cu_q[1:] - cu_q[:-1]).max().item()
+        max_c = (cu_c[1:] - cu_c[:-1]).max().item()
+        return OPS.sc_attn_fwd(q, k, k, q, q, None, None, cu_q, cu_c, max_q, max_c, 0.3)
+
+    gen = torch.Generator().manual_seed(0)
+    args = packed(gen)
+    q, k, cu_q, cu_c = args["q"], args["k_cond"], args["cu_seqlens_q"], args["cu_seqlens_cond"]
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            out, lse = torch.compile(step, fullgraph=True, backend="eager")(q, k, cu_q, cu_c)
+    finally:
+        torch._dynamo.reset()
+    ref_out, ref_lse = step(q, k, cu_q, cu_c)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
