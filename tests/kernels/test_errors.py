@@ -210,6 +210,8 @@ CASES = [
     ("supports-both", lambda: ek.supports("sc_attention", *dense().values(), device="cpu"), TypeError, "supports() takes the op's tensors or device/dtype/head_dim, not both"),
     ("supports-not-tensor", lambda: ek.supports("gather_tokens", [[1.0]]), TypeError, "supports() takes the op's tensors, got list"),
     ("supports-backend-name", lambda: ek.supports("gather_tokens", device="cpu", backend="cudnn"), ValueError, "backend must be one of ('triton', 'cuda', 'cpu', 'torch') or None, got 'cudnn'"),
+    ("supports-dtype-type", lambda: ek.supports("sc_attention", device="cpu", dtype="float32"), TypeError, "supports(): dtype must be a torch.dtype, got 'float32'"),
+    ("supports-head-dim-type", lambda: ek.supports("sc_attention", device="cpu", head_dim=64.5), TypeError, "supports(): head_dim must be an int, got 64.5"),
 ]
 
 
