@@ -49,8 +49,14 @@ def read_variants(header: str = HEADER) -> tuple[tuple[int, ...], tuple[str, ...
     as a duplicate case label or a failed static_assert deep in nvcc's output."""
     with open(header) as f:
         text = f.read()
-    head_dims = tuple(int(d) for d in re.findall(r"X\(\s*(\d+)\s*\)", _macro_body(text, "ENAT_SC_ATTN_HEAD_DIMS", header)))
-    dtypes = tuple(re.findall(r'X\([^)"]*"([a-z0-9]+)"', _macro_body(text, "ENAT_SC_ATTN_DTYPES", header)))
+    lists = {}
+    for name, entry in (("ENAT_SC_ATTN_HEAD_DIMS", r"X\(\s*(\d+)\s*\)"), ("ENAT_SC_ATTN_DTYPES", r'X\([^)"]*"([A-Za-z0-9_]+)"[^)]*\)')):
+        body = _macro_body(text, name, header)
+        lists[name] = re.findall(entry, body)
+        if len(lists[name]) != len(re.findall(r"\bX\(", body)):  # an entry not on the documented form
+            raise ValueError(f"{header}: {name} has entries not of the form the header documents: {body.strip()}")
+    head_dims = tuple(int(d) for d in lists["ENAT_SC_ATTN_HEAD_DIMS"])
+    dtypes = tuple(lists["ENAT_SC_ATTN_DTYPES"])
     if not head_dims or not dtypes:
         raise ValueError(f"{header}: empty variant list (head_dims {head_dims}, dtypes {dtypes})")
     if list(head_dims) != sorted(set(head_dims)) or any(d % 16 for d in head_dims):

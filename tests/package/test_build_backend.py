@@ -134,8 +134,11 @@ def test_cuda_variant_sources_leave_other_files_alone(tmp_path):
         ("X(32) X(40)", '  X(kFloat16, Fp16, "float16", Half)', "multiple of 16"),
         ("X(32)", '  X(kFloat16, Fp16, "float16", Half) X(kHalf, Fp16, "float16", Half)', "a dtype twice"),
         ("", '  X(kFloat16, Fp16, "float16", Half)', "empty variant list"),
+        ("X(32) X(HD64)", '  X(kFloat16, Fp16, "float16", Half)', "entries not of the form"),
+        ("X(32)", '  X(kFloat16, Fp16, "float16", Half) X(kBFloat16, Bf16, bfloat16, BFloat16)', "entries not of the form"),
     ],
-    ids=["block-comment", "line-comments", "repeat", "descending", "not-multiple-of-16", "dtype-twice", "empty"],
+    ids=["block-comment", "line-comments", "repeat", "descending", "not-multiple-of-16", "dtype-twice", "empty",
+         "head-dim-not-a-number", "dtype-name-unquoted"],
 )
 def test_cuda_variant_list_is_read_as_the_preprocessor_reads_it(tmp_path, head_dims, dtypes, expected):
     """Commented-out entries are not compiled, so they are not listed (nor recorded in the
