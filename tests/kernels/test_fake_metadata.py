@@ -238,17 +238,26 @@ def test_the_table_covers_every_op():
     assert len(ids) == len(set(ids))
 
 
-def test_packed_fake_traces_max_seqlen_read_from_cu_seqlens():
+@pytest.mark.parametrize("variant", ["compiled", "triton"])
+def test_packed_fake_traces_max_seqlen_read_from_cu_seqlens(variant):
     # A compiled varlen step computes max_seqlen from cu_seqlens (`.item()`): the fake
     # must check it without taking the truth of a data-dependent value.
+    if variant == "triton":
+        ops, err = _triton_ops()
+        if ops is None:
+            pytest.skip(err)
+        fwd = ops["sc_attn_fwd"]
+    else:
+        fwd = OPS.sc_attn_fwd
+
     def step(q, k, cu_q, cu_c):
         max_q = (cu_q[1:] - cu_q[:-1]).max().item()
         max_c = (cu_c[1:] - cu_c[:-1]).max().item()
-        return OPS.sc_attn_fwd(q, k, k, q, q, None, None, cu_q, cu_c, max_q, max_c, 0.3)
+        return fwd(q, k, k, q, q, None, None, cu_q, cu_c, max_q, max_c, 0.3)
 
     gen = torch.Generator().manual_seed(0)
-    args = packed(gen)
-    q, k, cu_q, cu_c = args["q"], args["k_cond"], args["cu_seqlens_q"], args["cu_seqlens_cond"]
+    q, k = _rnd(gen, T, H, 16), _rnd(gen, TC, H, 16)  # a head_dim every backend has
+    cu_q, cu_c = _i32(0, 3, 7), _i32(0, 4, 4)
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
