@@ -23,24 +23,47 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(os.path.dirname(HERE), "csrc", "cuda", "sc_attention_variants.h")
+# The first line of every generated file, and their names: what write_sources may replace or remove.
+GENERATED_MARK = "// Generated at build time from csrc/cuda/sc_attention_variants.h by\n"
+_GENERATED_NAME = re.compile(r"sc_attention_(fwd|bwd)_hdim\d+\.cu")
 
 
-def _macro_body(text: str, name: str) -> str:
-    """The replacement text of `#define name(X) ...`, line continuations joined."""
-    m = re.search(rf"^#define {name}\(X\)((?:[^\n]*\\\n)*[^\n]*)$", text, re.M)
+def _macro_body(text: str, name: str, header: str) -> str:
+    """The replacement text of `#define name(X) ...` in header text `text`, read as the
+    preprocessor reads it: continued lines joined first, then comments removed (an entry
+    commented out is not compiled, so it is not listed)."""
+    text = text.replace("\\\n", " ")
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    m = re.search(rf"^[ \t]*#[ \t]*define[ \t]+{name}\([ \t]*X[ \t]*\)([^\n]*)$", text, re.M)
     if m is None:
-        raise ValueError(f"{HEADER}: no '#define {name}(X) ...' line")
-    return m.group(1).replace("\\\n", " ")
+        raise ValueError(f"{header}: no '#define {name}(X) ...' line")
+    return m.group(1)
 
 
 def read_variants(header: str = HEADER) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """(head_dims, dtype names) as listed in the header, in its order."""
+    """(head_dims, dtype names) as listed in the header, in its order.
+
+    ValueError when a list is empty or breaks the header's rules (head_dims ascending,
+    each a multiple of 16; dtype names distinct): better here, naming the header, than
+    as a duplicate case label or a failed static_assert deep in nvcc's output."""
     with open(header) as f:
         text = f.read()
-    head_dims = tuple(int(d) for d in re.findall(r"X\(\s*(\d+)\s*\)", _macro_body(text, "ENAT_SC_ATTN_HEAD_DIMS")))
-    dtypes = tuple(re.findall(r'X\([^)"]*"([a-z0-9]+)"', _macro_body(text, "ENAT_SC_ATTN_DTYPES")))
+    lists = {}
+    for name, entry in (("ENAT_SC_ATTN_HEAD_DIMS", r"X\(\s*(\d+)\s*\)"), ("ENAT_SC_ATTN_DTYPES", r'X\([^)"]*"([A-Za-z0-9_]+)"[^)]*\)')):
+        body = _macro_body(text, name, header)
+        lists[name] = re.findall(entry, body)
+        if len(lists[name]) != len(re.findall(r"\bX\(", body)):  # an entry not on the documented form
+            raise ValueError(f"{header}: {name} has entries not of the form the header documents: {body.strip()}")
+    head_dims = tuple(int(d) for d in lists["ENAT_SC_ATTN_HEAD_DIMS"])
+    dtypes = tuple(lists["ENAT_SC_ATTN_DTYPES"])
     if not head_dims or not dtypes:
         raise ValueError(f"{header}: empty variant list (head_dims {head_dims}, dtypes {dtypes})")
+    if list(head_dims) != sorted(set(head_dims)) or any(d % 16 for d in head_dims):
+        raise ValueError(f"{header}: ENAT_SC_ATTN_HEAD_DIMS must be ascending, without repeats, each a multiple "
+                         f"of 16, got {head_dims}")
+    if len(set(dtypes)) != len(dtypes):
+        raise ValueError(f"{header}: ENAT_SC_ATTN_DTYPES lists a dtype twice: {dtypes}")
     return head_dims, dtypes
 
 
@@ -50,7 +73,7 @@ def variant_sources(head_dims) -> dict[str, str]:
     for d in head_dims:
         for pass_, what in (("fwd", "forward"), ("bwd", "backward")):
             sources[f"sc_attention_{pass_}_hdim{d}.cu"] = (
-                "// Generated at build time from csrc/cuda/sc_attention_variants.h by\n"
+                GENERATED_MARK +
                 "// build_backend/cuda_variants.py; do not edit.\n"
                 f"// SC-Attention {what} kernels for head_dim {d}, every listed dtype.\n"
                 '#include "cuda/sc_attention_launch.cuh"\n\n'
@@ -59,24 +82,37 @@ def variant_sources(head_dims) -> dict[str, str]:
     return sources
 
 
+def _is_generated(path: str) -> bool:
+    """Whether the file at path is one of ours (its first line is the generator's)."""
+    with open(path, errors="replace") as f:
+        return f.readline() == GENERATED_MARK
+
+
 def write_sources(out_dir: str, head_dims) -> list[str]:
     """Writes the translation units into out_dir (a file only when its text changed, so
-    ninja does not recompile it) and removes stale ones; returns their paths, sorted."""
+    ninja does not recompile it) and removes stale ones; returns their paths, sorted.
+
+    Only files this module wrote are removed or replaced (the directory may be any one
+    a user names): another file in the way is an error, not overwritten."""
     os.makedirs(out_dir, exist_ok=True)
     sources = variant_sources(head_dims)
     for name in os.listdir(out_dir):
-        if name.endswith(".cu") and name not in sources:
-            os.remove(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        if _GENERATED_NAME.fullmatch(name) and name not in sources and os.path.isfile(path) and _is_generated(path):
+            os.remove(path)
     paths = []
     for name, text in sorted(sources.items()):
         path = os.path.join(out_dir, name)
         old = None
         if os.path.exists(path):
+            if not _is_generated(path):
+                raise FileExistsError(f"{path} exists and was not written by {os.path.basename(__file__)}; not replacing it")
             with open(path) as f:
                 old = f.read()
-        if old != text:
-            with open(path, "w") as f:
+        if old != text:  # whole or not at all: an interrupted build leaves no truncated file
+            with open(path + ".tmp", "w") as f:
                 f.write(text)
+            os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
 
@@ -84,5 +120,9 @@ def write_sources(out_dir: str, head_dims) -> list[str]:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit(f"usage: {sys.argv[0]} DIR   (writes the per-variant .cu files into DIR)")
-    for p in write_sources(sys.argv[1], read_variants()[0]):
+    try:
+        written = write_sources(sys.argv[1], read_variants()[0])
+    except (OSError, ValueError) as e:
+        sys.exit(f"{sys.argv[0]}: {e}")
+    for p in written:
         print(p)

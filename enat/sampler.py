@@ -289,14 +289,19 @@ def resolve_cfg_scale(cfg_scale: float, cfg: float | None, caller: str, stacklev
 
     ``cfg`` is the deprecated spelling of ``cfg_scale`` (``cfg`` names an ENATConfig
     elsewhere); it works, with a DeprecationWarning pointing `stacklevel` frames up
-    (the caller's caller).  Both at once, with different values, is a TypeError.
+    (the caller's caller).  Both at once, with different values, is a TypeError; a
+    scale that is not finite, a ValueError.
     """
-    if cfg is None:
-        return cfg_scale
-    if cfg_scale != PUBLISHED_CFG_SCALE and cfg_scale != cfg:
-        raise TypeError(f"{caller}() got cfg_scale={cfg_scale} and its deprecated alias cfg={cfg}: give cfg_scale only")
-    warnings.warn(f"{caller}(): the keyword cfg is deprecated, use cfg_scale", DeprecationWarning, stacklevel=stacklevel)
-    return cfg
+    if cfg is not None:
+        if cfg_scale != PUBLISHED_CFG_SCALE and cfg_scale != cfg:
+            raise TypeError(f"{caller}() got cfg_scale={cfg_scale} and its deprecated alias cfg={cfg}: give cfg_scale only")
+        warnings.warn(f"{caller}(): the keyword cfg is deprecated, use cfg_scale", DeprecationWarning, stacklevel=stacklevel)
+        cfg_scale = cfg
+    # NaN or inf turns every guided logit into NaN, and sampling then returns token 0
+    # everywhere without a word (enat-sample refuses them too).
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"{caller}(): cfg_scale must be a finite number, got {cfg_scale}")
+    return cfg_scale
 
 
 @torch.no_grad()

@@ -430,6 +430,13 @@ def supports(
             dtype, head_dim = first.dtype, (first.shape[-1] if first.dim() else None)  # a bad rank: the op's to refuse
     elif device is None:
         raise TypeError("supports() needs the op's tensors or device=")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"supports(): dtype must be a torch.dtype, got {dtype!r}")
+    if head_dim is not None:
+        try:
+            head_dim = operator.index(head_dim)
+        except TypeError:
+            raise TypeError(f"supports(): head_dim must be an int, got {head_dim!r}") from None
     device = torch.device(device)
     if family == "sc_attention":
         error = lambda name: attention_error(name, device, dtype, head_dim)  # noqa: E731

@@ -83,10 +83,10 @@ def sc_attention_inputs(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens,
         entries = cu_seqlens_q.shape[0]
         _int32_vector("cu_seqlens_q", cu_seqlens_q, q, entries)
         _int32_vector("cu_seqlens_cond", cu_seqlens_cond, q, entries)
-        torch._check(
-            max_seqlen_q >= 0 and max_seqlen_cond >= 0,
-            lambda: f"sc_attention: max_seqlen_q and max_seqlen_cond must be non-negative, got {max_seqlen_q}, {max_seqlen_cond}",
-        )
+        # One check each: `a >= 0 and b >= 0` would take the truth of a symbolic bool,
+        # which fails while tracing when max_seqlen comes from a tensor (`.item()`).
+        for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_cond", max_seqlen_cond)):
+            torch._check(value >= 0, lambda: f"sc_attention: {name} must be non-negative, got {value}")
     else:
         torch._check(cu_seqlens_q is None and cu_seqlens_cond is None,
                      lambda: "sc_attention: the dense form takes no cu_seqlens")

@@ -210,6 +210,8 @@ CASES = [
     ("supports-both", lambda: ek.supports("sc_attention", *dense().values(), device="cpu"), TypeError, "supports() takes the op's tensors or device/dtype/head_dim, not both"),
     ("supports-not-tensor", lambda: ek.supports("gather_tokens", [[1.0]]), TypeError, "supports() takes the op's tensors, got list"),
     ("supports-backend-name", lambda: ek.supports("gather_tokens", device="cpu", backend="cudnn"), ValueError, "backend must be one of ('triton', 'cuda', 'cpu', 'torch') or None, got 'cudnn'"),
+    ("supports-dtype-type", lambda: ek.supports("sc_attention", device="cpu", dtype="float32"), TypeError, "supports(): dtype must be a torch.dtype, got 'float32'"),
+    ("supports-head-dim-type", lambda: ek.supports("sc_attention", device="cpu", head_dim=64.5), TypeError, "supports(): head_dim must be an int, got 64.5"),
 ]
 
 
@@ -514,6 +516,12 @@ def _sample_with_both_scales():
     return lambda: sample(ENAT("e2d1-c32h2-l16-v64-k10").eval(), [1], steps=1, cfg_scale=3.0, cfg=2.0)
 
 
+def _sample_with_scale(cfg_scale):
+    from enat import ENAT, sample
+
+    return lambda: sample(ENAT("e2d1-c32h2-l16-v64-k10").eval(), [1], steps=1, cfg_scale=cfg_scale)
+
+
 def _infer(state):
     from enat import infer_config
 
@@ -526,6 +534,8 @@ ENAT_CASES = [
     ("enat-config-int", _enat(123), TypeError, "config must be an ENATConfig or a configuration name (str), got int"),
     ("enat-config-too-large", _enat("e99999999d1-c64h2-l64"), ValueError, "configuration e99999999d1-c64h2-l64 has 9.13e+12 parameters, above the limit of 1e+11"),
     ("enat-sample-cfg-and-cfg-scale", _sample_with_both_scales(), TypeError, "sample() got cfg_scale=3.0 and its deprecated alias cfg=2.0: give cfg_scale only"),
+    ("enat-sample-cfg-scale-nan", _sample_with_scale(float("nan")), ValueError, "sample(): cfg_scale must be a finite number, got nan"),
+    ("enat-sample-cfg-scale-inf", _sample_with_scale(float("inf")), ValueError, "sample(): cfg_scale must be a finite number, got inf"),
     ("enat-checkpoint-1d-embedding", _infer(_state_with_1d_embedding()), Exception, "x_embedder.word_embeddings.weight must be a 2-D tensor (codebook size + 1, width), got (2080,)"),
 ]
 

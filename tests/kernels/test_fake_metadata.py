@@ -236,3 +236,34 @@ def test_the_table_covers_every_op():
     assert {c[1] for c in CASES} == {"sc_attn_fwd", "sc_attn_bwd", "mask_to_indices", "gather_rows", "scatter_rows"}
     ids = [c[0] for c in CASES]
     assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("variant", ["compiled", "triton"])
+def test_packed_fake_traces_max_seqlen_read_from_cu_seqlens(variant):
+    # A compiled varlen step computes max_seqlen from cu_seqlens (`.item()`): the fake
+    # must check it without taking the truth of a data-dependent value.
+    if variant == "triton":
+        ops, err = _triton_ops()
+        if ops is None:
+            pytest.skip(err)
+        fwd = ops["sc_attn_fwd"]
+    else:
+        fwd = OPS.sc_attn_fwd
+
+    def step(q, k, cu_q, cu_c):
+        max_q = (cu_q[1:] - cu_q[:-1]).max().item()
+        max_c = (cu_c[1:] - cu_c[:-1]).max().item()
+        return fwd(q, k, k, q, q, None, None, cu_q, cu_c, max_q, max_c, 0.3)
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = _rnd(gen, T, H, 16), _rnd(gen, TC, H, 16)  # a head_dim every backend has
+    cu_q, cu_c = _i32(0, 3, 7), _i32(0, 4, 4)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            out, lse = torch.compile(step, fullgraph=True, backend="eager")(q, k, cu_q, cu_c)
+    finally:
+        torch._dynamo.reset()
+    ref_out, ref_lse = step(q, k, cu_q, cu_c)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)

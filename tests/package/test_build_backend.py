@@ -77,13 +77,18 @@ def test_pyproject_uses_this_backend_and_no_static_torch():
     assert "torch" not in requires
 
 
-def test_cuda_variant_sources_follow_the_list(tmp_path):
-    """setup.py's per-variant translation units: one per (pass, head_dim) of the list,
-    rewritten only when their text changes (ninja then skips them), stale ones removed."""
+def _cuda_variants():
     sys.path.insert(0, os.path.join(ROOT, "build_backend"))
     import cuda_variants
 
     sys.path.pop(0)
+    return cuda_variants
+
+
+def test_cuda_variant_sources_follow_the_list(tmp_path):
+    """setup.py's per-variant translation units: one per (pass, head_dim) of the list,
+    rewritten only when their text changes (ninja then skips them), stale ones removed."""
+    cuda_variants = _cuda_variants()
     head_dims, dtypes = cuda_variants.read_variants()
     assert head_dims == tuple(sorted(head_dims)) and all(d % 16 == 0 for d in head_dims) and dtypes
     paths = cuda_variants.write_sources(str(tmp_path), head_dims)
@@ -96,3 +101,62 @@ def test_cuda_variant_sources_follow_the_list(tmp_path):
     assert {p: os.stat(p).st_mtime_ns for p in paths} == before
     fewer = cuda_variants.write_sources(str(tmp_path), head_dims[:1])
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(p) for p in fewer] + ["notes.txt"])
+
+
+def test_cuda_variant_sources_leave_other_files_alone(tmp_path):
+    """`python build_backend/cuda_variants.py DIR` may be given any directory: it removes
+    or replaces only the files it wrote, and refuses to overwrite one it did not."""
+    cuda_variants = _cuda_variants()
+    head_dims, _ = cuda_variants.read_variants()
+    mine = tmp_path / "routing.cu"
+    mine.write_text("// a source of the user's\n")
+    unlisted = tmp_path / f"sc_attention_fwd_hdim{head_dims[-1] + 16}.cu"  # a generated name, not generated
+    unlisted.write_text("// the user's own variant\n")
+    paths = cuda_variants.write_sources(str(tmp_path), head_dims)
+    assert mine.read_text() == "// a source of the user's\n"
+    assert unlisted.read_text() == "// the user's own variant\n"
+    assert len(paths) == 2 * len(head_dims)
+    clash = tmp_path / f"sc_attention_bwd_hdim{head_dims[0]}.cu"
+    clash.write_text("// hand-edited\n")
+    with pytest.raises(FileExistsError, match="not replacing it"):
+        cuda_variants.write_sources(str(tmp_path), head_dims)
+    assert clash.read_text() == "// hand-edited\n"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "head_dims, dtypes, expected",
+    [
+        ("X(32) X(64) /* X(96) not yet */", '  X(kFloat16, Fp16, "float16", Half)', ((32, 64), ("float16",))),
+        ("X(32) \\\n  X(64)  // X(128)", '  X(kFloat16, Fp16, "float16", Half) // X(kX, X, "float8", X)', ((32, 64), ("float16",))),
+        ("X(32) X(32)", '  X(kFloat16, Fp16, "float16", Half)', "ascending, without repeats"),
+        ("X(64) X(32)", '  X(kFloat16, Fp16, "float16", Half)', "ascending, without repeats"),
+        ("X(32) X(40)", '  X(kFloat16, Fp16, "float16", Half)', "multiple of 16"),
+        ("X(32)", '  X(kFloat16, Fp16, "float16", Half) X(kHalf, Fp16, "float16", Half)', "a dtype twice"),
+        ("", '  X(kFloat16, Fp16, "float16", Half)', "empty variant list"),
+        ("X(32) X(HD64)", '  X(kFloat16, Fp16, "float16", Half)', "entries not of the form"),
+        ("X(32)", '  X(kFloat16, Fp16, "float16", Half) X(kBFloat16, Bf16, bfloat16, BFloat16)', "entries not of the form"),
+    ],
+    ids=["block-comment", "line-comments", "repeat", "descending", "not-multiple-of-16", "dtype-twice", "empty",
+         "head-dim-not-a-number", "dtype-name-unquoted"],
+)
+def test_cuda_variant_list_is_read_as_the_preprocessor_reads_it(tmp_path, head_dims, dtypes, expected):
+    """Commented-out entries are not compiled, so they are not listed (nor recorded in the
+    build info); a list the C++ dispatch cannot compile is refused naming the header."""
+    cuda_variants = _cuda_variants()
+    header = tmp_path / "variants.h"
+    header.write_text(f"#define ENAT_SC_ATTN_HEAD_DIMS(X) {head_dims}\n#define ENAT_SC_ATTN_DTYPES(X) \\\n{dtypes}\n")
+    if isinstance(expected, tuple):
+        assert cuda_variants.read_variants(str(header)) == expected
+    else:
+        with pytest.raises(ValueError, match=expected) as info:
+            cuda_variants.read_variants(str(header))
+        assert str(header) in str(info.value)
+
+
+def test_cuda_variant_reader_names_the_header_it_read(tmp_path):
+    header = tmp_path / "variants.h"
+    header.write_text("// no list here\n")
+    with pytest.raises(ValueError, match="no '#define ENAT_SC_ATTN_HEAD_DIMS") as info:
+        _cuda_variants().read_variants(str(header))
+    assert str(header) in str(info.value)
