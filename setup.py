@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(HERE, "build_backend"))
 import cuda_variants  # noqa: E402  (the variant list of csrc/cuda/sc_attention_variants.h)
 
 sys.path.pop(0)
-CUDA_HEAD_DIMS, CUDA_DTYPES = cuda_variants.read_variants()
+CUDA_HEAD_DIMS, CUDA_DTYPES = cuda_variants.read_variants(is_dtype_name=lambda n: isinstance(getattr(torch, n, None), torch.dtype))
 # One translation unit per (pass, head_dim), written from the list (see cuda_variants.py).
 GENERATED_CUDA_DIR = os.path.join(HERE, "build", "generated", "cuda")
 

@@ -41,12 +41,13 @@ def _macro_body(text: str, name: str, header: str) -> str:
     return m.group(1)
 
 
-def read_variants(header: str = HEADER) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def read_variants(header: str = HEADER, is_dtype_name=None) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(head_dims, dtype names) as listed in the header, in its order.
 
     ValueError when a list is empty or breaks the header's rules (head_dims ascending,
-    each a multiple of 16; dtype names distinct): better here, naming the header, than
-    as a duplicate case label or a failed static_assert deep in nvcc's output."""
+    each a multiple of 16; dtype names distinct, and each a torch dtype name when
+    `is_dtype_name` is given, as setup.py does): better here, naming the header, than
+    as a duplicate case label deep in nvcc's output, or an import error after the build."""
     with open(header) as f:
         text = f.read()
     lists = {}
@@ -64,6 +65,9 @@ def read_variants(header: str = HEADER) -> tuple[tuple[int, ...], tuple[str, ...
                          f"of 16, got {head_dims}")
     if len(set(dtypes)) != len(dtypes):
         raise ValueError(f"{header}: ENAT_SC_ATTN_DTYPES lists a dtype twice: {dtypes}")
+    unknown = [n for n in dtypes if is_dtype_name is not None and not is_dtype_name(n)]
+    if unknown:
+        raise ValueError(f"{header}: ENAT_SC_ATTN_DTYPES names {', '.join(unknown)}, not a torch dtype")
     return head_dims, dtypes
 
 

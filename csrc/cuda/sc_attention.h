@@ -16,8 +16,7 @@
 //   Each gradient element is written by exactly one thread: no atomics, results are
 //   bitwise reproducible run to run.
 //
-// Supported: the dtypes and head_dims listed in sc_attention_variants.h (float16 and
-// bfloat16; head_dim 32, 64, 128), sm_80 and newer.  Inputs need
+// Supported: the dtypes and head_dims listed in sc_attention_variants.h, sm_80 and newer.  Inputs need
 // a 16-byte aligned base pointer and batch/token/head strides that are multiples of 8
 // elements (unit stride along head_dim); the adapter copies inputs that are not.
 #pragma once

@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from support.paths import REPO
 
@@ -152,6 +153,20 @@ def test_cuda_variant_list_is_read_as_the_preprocessor_reads_it(tmp_path, head_d
         with pytest.raises(ValueError, match=expected) as info:
             cuda_variants.read_variants(str(header))
         assert str(header) in str(info.value)
+
+
+def test_cuda_variant_dtype_names_must_be_torch_dtypes(tmp_path):
+    """A misspelt torch name would build, then break `import enat_kernels`; setup.py
+    passes this predicate so the build stops first, naming the header."""
+    cuda_variants = _cuda_variants()
+    header = tmp_path / "variants.h"
+    dtypes = 'X(kFloat16, Fp16, "float16", Half) X(kBFloat16, Bf16, "bfloat61", BFloat16)'
+    header.write_text(f"#define ENAT_SC_ATTN_HEAD_DIMS(X) X(32)\n#define ENAT_SC_ATTN_DTYPES(X) {dtypes}\n")
+    is_dtype = lambda n: isinstance(getattr(torch, n, None), torch.dtype)  # noqa: E731
+    with pytest.raises(ValueError, match="names bfloat61, not a torch dtype") as info:
+        cuda_variants.read_variants(str(header), is_dtype_name=is_dtype)
+    assert str(header) in str(info.value)
+    assert cuda_variants.read_variants(str(header))[1] == ("float16", "bfloat61")  # no predicate: names only
 
 
 def test_cuda_variant_reader_names_the_header_it_read(tmp_path):
