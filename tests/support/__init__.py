@@ -10,7 +10,7 @@
 - unowned_rows: packed inputs with rows no sequence owns, and what those rows must hold.
 - triton_jit: Triton specialization keys of a launch, computed without a GPU.
 - enat_models: random ENAT models whose outputs react to labels and attention.
-- enat_direct: a direct implementation of ENAT_SPEC.md, sharing no code with enat/.
+- enat_direct: a direct implementation of the published ENAT model, sharing no code with enat/.
 - paired_scripts: running benchmarks/paired*.py end to end.
 - paths: the repository's folders, and importing another test module by its path.
 
