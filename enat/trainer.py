@@ -8,6 +8,8 @@ the mask generator's state, each rank's torch RNG states (dropout) and the setti
 a resumed run must share (seed, global batch, data) for the sample order to continue
 where it stopped.  A folder is written under a temporary name and renamed when
 complete, so a run killed while saving leaves the previous checkpoint as the latest.
+Every file is plain data (tensors, numbers, strings, lists, dicts) and is loaded with
+``weights_only=True``: resuming from a folder never runs code pickled into it.
 
 Scale-out: every rank draws the masks and label dropout of the whole global batch
 from the same generator and keeps its rows; each rank's loss is its masked tokens'
@@ -185,7 +187,7 @@ class Trainer:
 
         Every file is read and checked before anything is applied, so a damaged
         checkpoint (DamagedCheckpoint) leaves the trainer untouched."""
-        state = _read(path, "train_state.pth", weights_only=False)
+        state = _read(path, "train_state.pth", weights_only=True)
         saved = state["settings"]
         for key in ("global_batch", "seed"):
             if saved[key] != getattr(self.settings, key):

@@ -41,7 +41,7 @@ def run(argv, record=None):
 
 
 def ckpt(out, step, name):
-    return torch.load(os.path.join(out, "ckpts", f"{step}.ckpt", name), weights_only=False)
+    return torch.load(os.path.join(out, "ckpts", f"{step}.ckpt", name), weights_only=True)
 
 
 def test_resume_continues_exactly(tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_checkpoint_layout_loads_into_the_model_and_enat_sample(tmp_path, capsys
     model = ENAT(CFG)
     assert set(ema) == set(model.state_dict())  # the published key set, no "module." prefix
     load_checkpoint(model, folder / "nnet_ema.pth")
-    state = torch.load(folder / "train_state.pth", weights_only=False)
+    state = torch.load(folder / "train_state.pth", weights_only=True)
     assert state["step"] == 3 and state["config"] == CFG and len(state["rng"]) == 1
     capsys.readouterr()
     assert sample_main(["--checkpoint", str(folder / "nnet_ema.pth"), "--config", CFG, "-n", "2", "-b", "2",
@@ -313,7 +313,21 @@ def _nan(folder, name):
     torch.save(state, folder / name)
 
 
-@pytest.mark.parametrize("damage", [_truncate, _remove, _nan])
+class _RunsCodeWhenLoaded:
+    """Pickles as a call of open(marker, "w"): a loader that runs pickled code creates marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _code(folder, name):
+    torch.save({"payload": _RunsCodeWhenLoaded(folder.parent / "code-ran")}, folder / name)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _remove, _nan, _code])
 @pytest.mark.parametrize("name", ["optimizer.pth", "train_state.pth", "nnet.pth", "nnet_ema.pth"])
 def test_resume_skips_a_damaged_latest_checkpoint(damage, name, tmp_path, capsys):
     data = tmp_path / "train.npy"
@@ -331,6 +345,7 @@ def test_resume_skips_a_damaged_latest_checkpoint(damage, name, tmp_path, capsys
     why = "holds NaN or Inf" if damage is _nan and name.startswith("nnet") else "cannot be read"
     assert re.search(f"note: skipped a damaged checkpoint: {re.escape(str(latest / name))}: .*{why}", out), out
     assert [r[2] for r in parts] == [r[2] for r in straight]  # continued exactly from step 3
+    assert not (latest.parent / "code-ran").exists()  # every file is loaded as data only
 
 
 def test_resume_with_no_loadable_checkpoint_is_an_error(tmp_path, capsys):
