@@ -91,6 +91,11 @@ def sc_attention_inputs(q, k_cond, v_cond, k_self, v_self, cond_lens, self_lens,
         torch._check(cu_seqlens_q is None and cu_seqlens_cond is None,
                      lambda: "sc_attention: the dense form takes no cu_seqlens")
         torch._check(k_cond.shape[0] == q.shape[0], lambda: "sc_attention: k_cond must have q's batch size")
+        # Dense bounds are the shapes (the CUDA op sizes its grid from them); one check each, as above.
+        torch._check(max_seqlen_q == q.shape[1],
+                     lambda: f"sc_attention: dense inputs need max_seqlen_q = N = {q.shape[1]}, got {max_seqlen_q}")
+        torch._check(max_seqlen_cond == k_cond.shape[1],
+                     lambda: f"sc_attention: dense inputs need max_seqlen_cond = Nc = {k_cond.shape[1]}, got {max_seqlen_cond}")
         for name, lens in (("cond_lens", cond_lens), ("self_lens", self_lens)):
             if lens is not None:
                 _int32_vector(name, lens, q, q.shape[0])

@@ -159,6 +159,10 @@ Problem describe(const at::Tensor& q, const at::Tensor& k_cond, const at::Tensor
     TORCH_CHECK(k_cond.size(0) == p.batch, "sc_attention (cpu): k_cond must have q's batch size");
     p.q_rows = p.max_q = q.size(1);
     p.cond_rows = p.max_cond = k_cond.size(1);
+    // The bounds of dense rows are their shapes; the CUDA op sizes its grid from them and
+    // refuses another value, so every backend (and the fakes) refuses it too.
+    TORCH_CHECK(max_seqlen_q == p.q_rows && max_seqlen_cond == p.cond_rows,
+                "sc_attention (cpu): dense inputs need max_seqlen_q = N and max_seqlen_cond = Nc");
     p.cond_lens = lens_ptr(cond_lens, p.batch, "cond_lens");
     p.self_lens = lens_ptr(self_lens, p.batch, "self_lens");
   }
