@@ -50,6 +50,10 @@ def _worker(rank, world, init_file, report):
                 errs[name] = (full - q.grad).abs().max().item() / max(q.grad.abs().max().item(), 1e-12)
         with open(os.path.join(report, f"rank{rank}.json"), "w") as f:
             json.dump({"loss": total.item() / world, "ref": ref_loss.item(), "errs": errs}, f)
+        # Both ranks past their last collective before either tears gloo down: a rank that
+        # destroyed its group while the other still exchanged data has aborted here
+        # ("terminate called without an active exception") in full-suite runs.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
