@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import enat_kernels as ek
-from support.backends import device_for, skip_unless_routes
+from support.backends import skip_unless_routes
 
 # (B, L, C) uint8 with B * L * C = 2**31 + 2048: the last row starts 2**31 + 1024 bytes in.
 B, L, C = 2, (1 << 20) + 1, 1024
@@ -54,8 +54,7 @@ def _row(seed: int, dev) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_gather_reads_rows_beyond_2_31(backend):
-    skip_unless_routes(backend)
-    dev = device_for(backend)
+    dev = skip_unless_routes(backend)
     x = _lazy_zeros((B, L, C), torch.uint8, dev)
     assert x.numel() > BIG and (B * L - 1) * C > BIG  # the last row starts past 2**31
     rows = {(1, L - 1): _row(0, dev), (1, L // 2): _row(1, dev), (0, 7): _row(2, dev)}
@@ -70,10 +69,9 @@ def test_gather_reads_rows_beyond_2_31(backend):
 
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_scatter_writes_rows_beyond_2_31(backend):
-    skip_unless_routes(backend)
+    dev = skip_unless_routes(backend)
     if backend == "torch":
         pytest.skip("the torch reference builds the 2 GiB output out of place, twice (PyTorch's own 64-bit indexing)")
-    dev = device_for(backend)
     _skip_if_interpreted(backend, dev)
     if dev == "cpu" and _mem_available_gib() < 8:
         pytest.skip(f"needs about 2.1 GiB of memory for the output; {_mem_available_gib():.1f} GiB available")
@@ -91,10 +89,9 @@ def test_scatter_writes_rows_beyond_2_31(backend):
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 def test_mask_to_indices_beyond_2_31(backend):
     """A (3, 2**30) mask: row 2 starts at element 2**31."""
-    skip_unless_routes(backend)
+    dev = skip_unless_routes(backend)
     if backend == "torch":
         pytest.skip("the torch reference argsorts the whole mask: O(B * L) int64 memory (24 GiB here)")
-    dev = device_for(backend)
     _skip_if_interpreted(backend, dev)
     rows, length = 3, 1 << 30
     mask = _lazy_zeros((rows, length), torch.bool, dev)
