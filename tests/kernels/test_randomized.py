@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 import enat_kernels as ek
 from enat_kernels.reference import sc_attention_ref, sc_attention_varlen_ref
-from support.attention_cases import make_varlen_inputs
-from support.attention_checks import compare, forward_backward
+from support.attention_cases import make_varlen_inputs, sc_attention_oracle, sc_attention_varlen_oracle
+from support.attention_checks import compare, forward_backward, lowp_and_oracle
 from support.backends import device_for, skip_unless_routes
 
 # `poison` is one mode for the whole test, not per-example state.
@@ -96,6 +96,17 @@ def _poison_padding(views, cond_lens, self_lens):
             t.masked_fill_(pad[:, :, None, None], float("nan"))
 
 
+def _check_against_oracle(backend, fns, bufs, dout, dlse, dtype, layout):
+    """Output, lse and the gradients of every buffer of `backend` (fns: fused, reference,
+    independent oracle) within the accuracy rule; the torch backend is measured against
+    the independent oracle, since it is the reference.  Returns the fused results."""
+    fused, ref, independent = fns
+    got = forward_backward(fused, bufs, dout, dlse)
+    lowp, oracle = lowp_and_oracle(backend, ref, independent, bufs, dout, dlse)
+    compare(got, lowp, oracle, dtype, ["out", "lse"] + [f"grad of buffer {i} ({layout})" for i in range(len(bufs))])
+    return got
+
+
 @pytest.mark.parametrize("backend", ek.BACKENDS)
 @RANDOM
 @given(data=st.data())
@@ -130,13 +141,12 @@ def test_sc_attention_random(backend, data, poison):
     def ref(*b):
         return sc_attention_ref(*views(*b), cond_lens=cl, self_lens=sl, scale=scale)
 
-    got = forward_backward(fused, bufs, dout, dlse)
-    lowp = forward_backward(ref, bufs, dout, dlse)
-    oracle = forward_backward(ref, [b.double() for b in bufs], dout.double(), dlse.double())
+    def independent(*b):
+        return sc_attention_oracle(*views(*b), cond_lens=cl, self_lens=sl, scale=scale)
+
+    got = _check_against_oracle(backend, (fused, ref, independent), bufs, dout, dlse, dtype, layout)
     assert got[0].shape == (B, N, H, D) and got[0].dtype == dtype and got[0].is_contiguous()
     assert got[1].shape == (B, H, N)
-    names = ["out", "lse"] + [f"grad of buffer {i} ({layout})" for i in range(len(bufs))]
-    compare(got, lowp, oracle, dtype, names)
 
 
 # ----------------------------------------------------------------------------- packed
@@ -180,12 +190,11 @@ def test_sc_attention_varlen_random(backend, data, poison):
     def ref(*b):
         return sc_attention_varlen_ref(*views(*b), cu_q, cu_c, max_q, max_c, scale=scale)
 
-    got = forward_backward(fused, bufs, dout, dlse)
-    lowp = forward_backward(ref, bufs, dout, dlse)
-    oracle = forward_backward(ref, [b.double() for b in bufs], dout.double(), dlse.double())
+    def independent(*b):
+        return sc_attention_varlen_oracle(*views(*b), cu_q, cu_c, scale=scale)
+
+    got = _check_against_oracle(backend, (fused, ref, independent), bufs, dout, dlse, dtype, layout)
     assert got[0].shape == (Tq, H, D) and got[1].shape == (H, Tq)
-    names = ["out", "lse"] + [f"grad of buffer {i} ({layout})" for i in range(len(bufs))]
-    compare(got, lowp, oracle, dtype, names)
 
 
 # ----------------------------------------------------------------------------- routing

@@ -124,7 +124,9 @@ def sc_attention_oracle(q, k_cond, v_cond, k_self, v_self, cond_lens=None, self_
         s = torch.einsum("ihd,jhd->hij", q[b, :ls], k).to(acc) * scale
         o = torch.einsum("hij,jhd->ihd", torch.softmax(s, dim=-1).to(q.dtype), v)
         outs.append(torch.cat([o, q.new_zeros(N - ls, H, D)]))
-        lses.append(torch.cat([torch.logsumexp(s, dim=-1), torch.full((H, N - ls), -math.inf, dtype=acc)], dim=1))
+        lses.append(torch.cat([torch.logsumexp(s, dim=-1), torch.full((H, N - ls), -math.inf, dtype=acc, device=q.device)], dim=1))
+    if B == 0:  # empty results still on the autograd graph, as the ops' are
+        return q * 0, q.sum().to(acc) * 0 + q.new_zeros(0, H, N, dtype=acc)
     return torch.stack(outs), torch.stack(lses)
 
 
@@ -137,4 +139,7 @@ def sc_attention_varlen_oracle(q, k_cond, v_cond, k_self, v_self, cu_q, cu_c, sc
                                    v_self[None, qs:qe], scale=scale)
         outs.append(o[0])
         lses.append(lse[0])
+    if not outs:  # no sequence: empty results still on the autograd graph, as the ops' are
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q[:0] * 0, q.sum().to(acc) * 0 + q.new_zeros(q.shape[1], 0, dtype=acc)
     return torch.cat(outs), torch.cat(lses, dim=1)
