@@ -266,8 +266,8 @@ def _argument_error(args) -> str | None:
     for name, value, low in at_least:
         if value is not None and value < low:
             return f"{name} must be at least {low}, got {value}"
-    if _threads_error(args.threads) is not None:
-        return _threads_error(args.threads)
+    if (err := _threads_error(args.threads)) is not None:
+        return err
     for name, value in (("--cfg-scale", args.cfg_scale), ("--mask-temp", args.mask_temp), ("--samp-temp", args.samp_temp)):
         if value is not None and not math.isfinite(value):
             return f"{name} must be a finite number, got {value}"
